@@ -1,0 +1,5 @@
+import sys
+
+from yoda.cli import main
+
+sys.exit(main())

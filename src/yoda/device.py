@@ -1,0 +1,52 @@
+"""Device and precision options shared by training, translation and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+from yoda.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable device.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown spelling, or CUDA asked for where none (or not that index) exists.
+    """
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    kind, _, index = text.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {spec!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} was asked for, but CUDA is not available here")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {spec!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
+        )
+    return torch.device(text)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision option on a device (None: plain fp32).
+
+    fp16 is offered on CUDA only; bf16 on CUDA where supported and on CPU.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use fp16 or fp32")
+    return torch.bfloat16
