@@ -1,0 +1,465 @@
+"""Image reading and writing: NIfTI (.nii, .nii.gz) and MGZ through nibabel.
+
+Every volume enters the package through :func:`load_image`, which returns a float32 array in
+canonical RAS+ voxel order, i.e. indexed (x, y, z) = (left->right, posterior->anterior,
+inferior->superior), together with a :class:`Geometry` recording the original grid. The
+reorientation consists of axis flips and permutations only; voxels are never resampled.
+:func:`save_image` undoes the reorientation and writes the array in the original grid, so the
+saved file has exactly the input's shape and affine. The ROI crop is a separate step recorded by
+the caller (see :func:`yoda.data.normalize.roi_bbox`).
+
+:func:`check_same_grid` checks that co-registered images share one voxel grid;
+:func:`resample_like` resamples one canonical array onto another image's canonical grid when the
+user asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.freesurfer.mghformat import MGHHeader
+from nibabel.nifti1 import Nifti1Header
+from nibabel.nifti2 import Nifti2Header
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.spatialimages import HeaderDataError, SpatialImage
+from scipy import ndimage
+
+from yoda.errors import ConfigError, GridMismatchError, InputError
+
+__all__ = [
+    "OUTPUT_DTYPES",
+    "Geometry",
+    "check_same_grid",
+    "load_image",
+    "resample_like",
+    "save_image",
+]
+
+OUTPUT_DTYPES = ("float32", "uint8")
+"""Data types :func:`save_image` can write."""
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_MGH_SUFFIXES = (".mgz", ".mgh")
+_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
+
+# Header fields that define the NIfTI voxel-to-world mapping, plus units and description.
+_NIFTI_FIELDS = (
+    "qform_code",
+    "sform_code",
+    "quatern_b",
+    "quatern_c",
+    "quatern_d",
+    "qoffset_x",
+    "qoffset_y",
+    "qoffset_z",
+    "srow_x",
+    "srow_y",
+    "srow_z",
+    "pixdim",
+    "xyzt_units",
+    "descrip",
+)
+# MGH fields: the geometry (delta, Mdc, Pxyz_c) and the acquisition parameters.
+_MGH_FIELDS = ("goodRASFlag", "delta", "Mdc", "Pxyz_c", "tr", "flip_angle", "te", "ti", "fov")
+
+_RAS = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+
+
+@dataclass
+class Geometry:
+    """The original voxel grid of an image and how it was brought to canonical order.
+
+    Attributes
+    ----------
+    affine : (4, 4) float64 array, the original voxel-to-world (RAS mm) affine.
+    shape : the original 3-D shape (after squeezing a single-volume 4th dimension).
+    header : the original nibabel header (None for an ``(array, affine)`` input).
+    ornt : nibabel orientation transform from the original voxel axes to canonical RAS+ axes.
+    path : the file the image came from, if any.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    header: Any
+    ornt: np.ndarray
+    path: str | None = None
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """Voxel-to-world affine of the canonical (RAS+) array."""
+        return self.affine @ inv_ornt_aff(self.ornt, self.shape)
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        """Shape of the canonical (RAS+) array."""
+        axes = self.ornt[:, 0].astype(int)
+        shape = [0, 0, 0]
+        for src, dst in enumerate(axes):
+            shape[dst] = self.shape[src]
+        return (shape[0], shape[1], shape[2])
+
+    @property
+    def voxel_size(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along the canonical axes x, y, z."""
+        vs = np.sqrt((self.canonical_affine[:3, :3] ** 2).sum(axis=0))
+        return (float(vs[0]), float(vs[1]), float(vs[2]))
+
+    @property
+    def label(self) -> str:
+        """The file path, or a placeholder for in-memory images (for messages)."""
+        return self.path if self.path is not None else "<in-memory image>"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def load_image(src: Any, *, name: str = "image") -> tuple[np.ndarray, Geometry]:
+    """Read a 3-D image and bring it to canonical RAS+ order as float32.
+
+    Parameters
+    ----------
+    src : a path (.nii, .nii.gz, .mgz), a nibabel spatial image, or an ``(array, affine)`` pair.
+    name : what the image is (e.g. "t1w"); used in error messages.
+
+    Returns
+    -------
+    (array, geometry) : the float32 canonical array (x, y, z) and the original grid.
+        NIfTI scaling (scl_slope/scl_inter) is applied.
+
+    Raises
+    ------
+    InputError
+        Missing file, directory, unreadable or truncated file, an image that is not 3-D (a 4-D
+        image with one volume is accepted), NaN/Inf voxels, or a singular/non-finite affine.
+    """
+    header: Any = None
+    path: str | None = None
+    if isinstance(src, tuple | list) and len(src) == 2:
+        data, affine = _from_pair(src, name)
+        label = f"{name} <in-memory array>"
+        shape = _spatial_shape(data.shape, label)
+        data = data.reshape(shape)
+    else:
+        if isinstance(src, SpatialImage):
+            img = src
+            fname = img.get_filename()
+            path = str(fname) if fname else None
+        elif isinstance(src, str | os.PathLike):
+            path = str(src)
+            img = _open_path(Path(src), name)
+        else:
+            raise InputError(
+                f"{name}: expected a file path, a nibabel image or an (array, affine) pair, "
+                f"got {type(src).__name__}"
+            )
+        label = f"{name} ({path})" if path else f"{name} <in-memory image>"
+        shape = _spatial_shape(tuple(img.shape), label)
+        header = img.header.copy()
+        if img.affine is None:
+            raise InputError(f"{label}: the image has no affine (voxel-to-world mapping)")
+        try:
+            affine = np.asarray(img.affine, dtype=np.float64)
+            data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+        except _READ_ERRORS as err:
+            raise InputError(
+                f"{label}: cannot read the image data (damaged or truncated file?): {err}"
+            ) from None
+    _check_affine(affine, label)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise InputError(f"{label}: {bad} voxel(s) are NaN or Inf")
+    ornt = io_orientation(affine)
+    canonical = np.ascontiguousarray(apply_orientation(data, ornt), dtype=np.float32)
+    geom = Geometry(affine=affine, shape=shape, header=header, ornt=ornt, path=path)
+    return canonical, geom
+
+
+def _open_path(path: Path, name: str) -> SpatialImage:
+    if not path.exists():
+        raise InputError(f"{name} ({path}): file not found")
+    if path.is_dir():
+        raise InputError(f"{name} ({path}): is a directory, expected an image file")
+    try:
+        img = nib.load(str(path))
+    except _READ_ERRORS as err:
+        raise InputError(f"{name} ({path}): not a readable NIfTI/MGZ image: {err}") from None
+    if not isinstance(img, SpatialImage):
+        raise InputError(f"{name} ({path}): not a volume image ({type(img).__name__})")
+    return img
+
+
+def _from_pair(src: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    array, affine = src
+    array = np.asarray(array)
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+        raise InputError(f"{name}: array of type {array.dtype} is not a real-valued image")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(f"{name}: affine must be 4x4, got shape {affine.shape}")
+    return np.array(array, dtype=np.float32), affine
+
+
+def _spatial_shape(shape: tuple[int, ...], label: str) -> tuple[int, int, int]:
+    """The 3-D shape of an image, dropping trailing singleton dimensions beyond the third."""
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) > 3:
+        raise InputError(
+            f"{label}: has shape {tuple(shape)} with {int(np.prod(dims[3:]))} volumes; "
+            "expected a single 3-D volume"
+        )
+    if len(dims) < 3 or min(dims) < 2:
+        ndim = len(dims) if len(dims) < 3 else 2
+        raise InputError(f"{label}: is {ndim}-D (shape {tuple(shape)}); expected a 3-D volume")
+    return (int(dims[0]), int(dims[1]), int(dims[2]))
+
+
+def _check_affine(affine: np.ndarray, label: str) -> None:
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{label}: the affine contains NaN or Inf")
+    sv = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if sv.max() == 0 or sv.min() <= 1e-8 * sv.max():
+        raise InputError(f"{label}: the affine is singular (voxel axes do not span 3-D space)")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def save_image(
+    array: np.ndarray,
+    geometry: Geometry,
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Write a canonical array in the original grid of ``geometry``, atomically.
+
+    Parameters
+    ----------
+    array : canonical (RAS+) array of shape ``geometry.canonical_shape``.
+    geometry : the grid to restore (from :func:`load_image`).
+    path : output file; the suffix (.nii, .nii.gz, .mgz, .mgh) selects the format.
+    dtype : "float32", or "uint8" (values rounded and clipped to 0..255).
+    overwrite : replace an existing file (otherwise an existing file is an error).
+
+    Returns
+    -------
+    Path of the written file. The file has exactly ``geometry.shape`` and ``geometry.affine``
+    (up to the float32 precision of the header when the affine did not come from a file of the
+    same format); this is checked before and after writing.
+
+    Raises
+    ------
+    ConfigError for an unknown dtype; InputError for an existing file without ``overwrite``, an
+    unsupported suffix, a wrong array shape, non-finite values, or a folder that cannot be
+    written.
+    """
+    path = Path(path)
+    if dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"output dtype {dtype!r} is not one of {OUTPUT_DTYPES}")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an output file name")
+    suffix = _image_suffix(path)
+    if suffix is None:
+        raise InputError(
+            f"{path}: unsupported output format; use one of {_NIFTI_SUFFIXES + _MGH_SUFFIXES}"
+        )
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: file exists (pass overwrite=True to replace it)")
+    array = np.asarray(array)
+    if array.shape != geometry.canonical_shape:
+        raise InputError(
+            f"{path}: array shape {array.shape} does not match the canonical shape "
+            f"{geometry.canonical_shape} of {geometry.label}"
+        )
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputError(f"{path}: refusing to write {bad} NaN/Inf voxel(s)")
+
+    data = apply_orientation(array, ornt_transform(_RAS, geometry.ornt))
+    if dtype == "uint8":
+        data = np.clip(np.rint(data), 0, 255).astype(np.uint8)
+    else:
+        data = data.astype(np.float32)
+    data = np.ascontiguousarray(data)
+    img = _build_image(data, geometry, suffix)
+    _verify_grid(img, geometry, path)
+
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{path}: cannot create the output folder {folder}: {err}") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: the folder {folder} is not writable")
+    base = path.name[: -len(suffix)]
+    tmp = folder / f".{base}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
+    try:
+        nib.save(img, str(tmp))
+        written = nib.load(str(tmp))
+        _verify_grid(written, geometry, path)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write the image: {err}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _image_suffix(path: Path) -> str | None:
+    lower = path.name.lower()
+    for suffix in (".nii.gz", ".nii", ".mgz", ".mgh"):
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return path.name[-len(suffix) :]
+    return None
+
+
+def _build_image(data: np.ndarray, geometry: Geometry, suffix: str) -> SpatialImage:
+    src = geometry.header
+    affine = geometry.affine
+    if suffix.lower() in _MGH_SUFFIXES:
+        img = nib.MGHImage(data, affine, header=MGHHeader())
+        hdr = img.header
+        if isinstance(src, MGHHeader):
+            for key in _MGH_FIELDS:
+                hdr[key] = src[key]
+        hdr.set_data_dtype(data.dtype)
+        img.update_header()
+        return img
+
+    nifti2 = isinstance(src, Nifti2Header)
+    hdr = Nifti2Header() if nifti2 else Nifti1Header()
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(data.dtype)
+    if isinstance(src, Nifti1Header):
+        # Same family: copy the stored geometry fields bit for bit (exact round trip).
+        for key in _NIFTI_FIELDS:
+            hdr[key] = src[key]
+    else:
+        hdr["qform_code"] = hdr["sform_code"] = 1  # scanner
+        hdr.set_xyzt_units(xyz="mm", t="sec")
+    # A header whose mapping disagrees with the recorded affine (an in-memory image with a stale
+    # header, or a new header) is set from the affine, keeping its codes where set.
+    if not _close(hdr.get_best_affine(), affine):
+        hdr.set_qform(affine, code=int(hdr["qform_code"]) or 1)
+        hdr.set_sform(affine, code=int(hdr["sform_code"]) or 1)
+    hdr.set_slope_inter(1.0, 0.0)
+    cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    img = cls(data, affine, header=hdr)
+    img.update_header()
+    return img
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    # Header fields are float32: allow their rounding, nothing more.
+    return bool(np.all(np.abs(a - b) <= 1e-5 + 1e-6 * np.abs(b)))
+
+
+def _verify_grid(img: SpatialImage, geometry: Geometry, path: Path) -> None:
+    hdr = img.header
+    shape = tuple(int(s) for s in hdr.get_data_shape())
+    affine = hdr.get_best_affine() if isinstance(hdr, Nifti1Header) else hdr.get_affine()
+    if shape != geometry.shape or not _close(np.asarray(affine), geometry.affine):
+        raise InputError(
+            f"{path}: the output grid (shape {shape}) does not reproduce the grid of "
+            f"{geometry.label} (shape {geometry.shape}); max affine difference "
+            f"{np.abs(np.asarray(affine) - geometry.affine).max():.3g}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# co-registration
+
+
+def check_same_grid(geoms: dict[str, Geometry], atol: float = 1e-4) -> None:
+    """Check that images share one voxel grid (in canonical order).
+
+    Two images are on the same grid when their canonical arrays have the same shape and their
+    canonical affines agree within ``atol`` (mm). Images stored with different axis orders but
+    covering the same grid pass.
+
+    Raises
+    ------
+    GridMismatchError naming both images and the difference (shapes, or the largest affine
+    difference with the voxel sizes).
+    """
+    items = list(geoms.items())
+    if len(items) < 2:
+        return
+    ref_name, ref = items[0]
+    for other_name, other in items[1:]:
+        first = f"{ref_name} ({ref.label})"
+        second = f"{other_name} ({other.label})"
+        if ref.canonical_shape != other.canonical_shape:
+            raise GridMismatchError(
+                f"{first} and {second} are not on the same voxel grid: shape "
+                f"{ref.canonical_shape} vs {other.canonical_shape} (RAS order); co-register "
+                "them or ask for resampling"
+            )
+        diff = float(np.abs(ref.canonical_affine - other.canonical_affine).max())
+        if diff > atol:
+            vs_a = ", ".join(f"{v:.3g}" for v in ref.voxel_size)
+            vs_b = ", ".join(f"{v:.3g}" for v in other.voxel_size)
+            raise GridMismatchError(
+                f"{first} and {second} are not on the same voxel grid: affines differ by up to "
+                f"{diff:.4g} (voxel sizes {vs_a} vs {vs_b} mm); co-register them or ask for "
+                "resampling"
+            )
+
+
+def resample_like(
+    array: np.ndarray,
+    geom_from: Geometry,
+    geom_to: Geometry,
+    order: int = 1,
+    *,
+    cval: float = 0.0,
+) -> np.ndarray:
+    """Resample a canonical array from one image's grid onto another's.
+
+    Parameters
+    ----------
+    array : canonical array on the grid of ``geom_from``.
+    geom_from, geom_to : source and destination geometries (their canonical affines are used).
+    order : spline order (1 = linear, 0 = nearest, 3 = cubic).
+    cval : value for points outside the source volume.
+
+    Returns
+    -------
+    float32 canonical array of shape ``geom_to.canonical_shape``.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape != geom_from.canonical_shape:
+        raise InputError(
+            f"{geom_from.label}: array shape {array.shape} does not match its canonical shape "
+            f"{geom_from.canonical_shape}"
+        )
+    if order not in range(6):
+        raise ConfigError(f"resampling order {order} must be an integer in 0..5")
+    # Destination voxel -> world -> source voxel.
+    mat = np.linalg.inv(geom_from.canonical_affine) @ geom_to.canonical_affine
+    out = ndimage.affine_transform(
+        array,
+        mat[:3, :3],
+        offset=mat[:3, 3],
+        output_shape=geom_to.canonical_shape,
+        order=order,
+        mode="constant",
+        cval=cval,
+        prefilter=order > 1,
+    )
+    return out.astype(np.float32, copy=False)
