@@ -1,0 +1,508 @@
+"""Cohort cache: each subject normalized, ROI-cropped and stored as a memory-mappable .npy.
+
+Training draws random slabs from thousands of volumes; decoding compressed NIfTI for each
+draw would starve the network. :func:`prepare_cache` therefore converts every subject once to
+an uncompressed float32 array ``(C, x, y, z)`` with channels ``[target, source_1, ...,
+source_S, mask]`` on the network scale ([-1, 1], background -1; the mask is 0/1), cropped to
+the ROI (bounding box of the mask expanded by the margins). Arrays are opened with
+``np.load(mmap_mode="r")``, so a slab read touches only the bytes it needs.
+
+The cache is reused while it is up to date. Each array file is named by a key over the input
+files (paths, modification times, sizes), the normalization, the margins, the sources and the
+target, so a changed input or option leads to a rebuild of exactly the affected subjects. An
+index JSON (``index-<split>.json``) lists per subject the array file, its shape, the ROI box
+within the original canonical volume and the fitted intensity parameters. All files are written
+atomically (temporary file in the same folder, then ``os.replace``), so readers never see a
+partial file. When several processes train together, let one prepare the cache while the others
+wait, then open it with :meth:`CachedCohort.open`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from yoda.data.manifest import Manifest, Subject
+from yoda.errors import ConfigError, InputError
+
+#: Format version of the cache (part of every key).
+CACHE_VERSION = 1
+#: Default ROI margins (voxels) along x (LR), y (AP), z (IS).
+DEFAULT_MARGINS = (20, 10, 5)
+
+
+# ---------------------------------------------------------------------------- normalization
+
+
+def resolve_normalization(
+    normalization: str | Mapping[str, Any], names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per-modality keyword arguments of :func:`yoda.data.normalize.fit_intensity`.
+
+    Parameters
+    ----------
+    normalization : str or mapping
+        A method name ("percentile", "tissue", "ct"), or a mapping with "method", optional
+        "percentile" and optional "modalities" (modality -> method overriding the default).
+        A modality named "ct" uses the "ct" window unless overridden.
+    names : sequence of str
+        Modality names to resolve.
+
+    Returns
+    -------
+    dict
+        ``{name: {"method": ..., ["percentile": ...]}}``.
+    """
+    from yoda.data.normalize import NORMALIZATIONS
+
+    cfg = {"method": normalization} if isinstance(normalization, str) else dict(normalization)
+    unknown = set(cfg) - {"method", "percentile", "modalities"}
+    if unknown or "method" not in cfg:
+        raise ConfigError(
+            f"normalization {normalization!r}: expected a method name or a mapping with "
+            "'method' and optional 'percentile', 'modalities'"
+        )
+    overrides = dict(cfg.get("modalities") or {})
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        method = overrides.get(name, "ct" if name == "ct" else cfg["method"])
+        if method not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalization {method!r} (for {name}) is not one of {', '.join(NORMALIZATIONS)}"
+            )
+        kw: dict[str, Any] = {"method": method}
+        if method == "percentile":
+            kw["percentile"] = float(cfg.get("percentile", 99.9))
+        out[name] = kw
+    return out
+
+
+def _check_names(sources: Sequence[str], target: str) -> tuple[list[str], str]:
+    sources = [str(s) for s in sources]
+    if not sources:
+        raise ConfigError("at least one source modality is needed")
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"sources {sources} contain a duplicate")
+    if target in sources:
+        raise ConfigError(f"target {target!r} is also a source")
+    return sources, str(target)
+
+
+@dataclass
+class SubjectArrays:
+    """One subject normalized and cropped, as the network sees it.
+
+    Attributes
+    ----------
+    data : float32 array (C, x, y, z)
+        Channels [target, sources..., mask] on the network scale, mask 0/1, cropped to ``bbox``.
+    bbox : tuple of slice
+        ROI box within the full canonical volume.
+    shape : tuple of int
+        Full canonical shape (before cropping).
+    intensities : dict
+        Fitted :class:`~yoda.data.normalize.Intensity` per modality.
+    geometry : Geometry
+        Grid of the first source (for writing outputs).
+    mask_source : str
+        "mask" (the subject's mask) or "foreground:<first source>".
+    """
+
+    data: np.ndarray
+    bbox: tuple[slice, slice, slice]
+    shape: tuple[int, int, int]
+    intensities: dict[str, Any]
+    geometry: Any
+    mask_source: str
+
+
+def load_subject_arrays(
+    subject: Subject,
+    sources: Sequence[str],
+    target: str,
+    normalization: str | Mapping[str, Any] = "tissue",
+    *,
+    margins: Sequence[int] = DEFAULT_MARGINS,
+) -> SubjectArrays:
+    """Load, check, normalize and ROI-crop one subject (the same arrays the cache stores).
+
+    The mask is the subject's mask, else :func:`~yoda.data.normalize.foreground_mask` of the
+    first source; the ROI is :func:`~yoda.data.normalize.roi_bbox` of the mask. Each image is
+    scaled by :func:`~yoda.data.normalize.fit_intensity` (within the mask) and mapped to the
+    network scale.
+
+    Raises
+    ------
+    InputError
+        A modality is missing, a file cannot be read, the images are not co-registered, or the
+        mask is empty.
+    """
+    from yoda.data.io import check_same_grid, load_image
+    from yoda.data.normalize import (
+        apply_intensity,
+        crop,
+        fit_intensity,
+        foreground_mask,
+        roi_bbox,
+        to_network,
+    )
+
+    sources, target = _check_names(sources, target)
+    names = [target, *sources]
+    missing = [m for m in names if m not in subject.images]
+    if missing:
+        raise InputError(f"subject {subject.id}: missing modality {', '.join(missing)}")
+    norm = resolve_normalization(normalization, names)
+    vols: dict[str, np.ndarray] = {}
+    geoms = {}
+    for name in [*sources, target]:
+        vols[name], geoms[name] = load_image(subject.images[name], name=f"{subject.id} {name}")
+    if subject.mask is not None:
+        mask_arr, geoms["mask"] = load_image(subject.mask, name=f"{subject.id} mask")
+        mask = mask_arr > 0
+        mask_source = "mask"
+    else:
+        mask = foreground_mask(vols[sources[0]], name=f"{subject.id} {sources[0]}")
+        mask_source = f"foreground:{sources[0]}"
+    check_same_grid(geoms)
+    if not mask.any():
+        raise InputError(f"subject {subject.id}: the mask is empty ({subject.mask or mask_source})")
+    bbox = roi_bbox(mask, tuple(int(m) for m in margins), name=f"{subject.id} mask")
+    cropped_shape = tuple(b.stop - b.start for b in bbox)
+    data = np.empty((len(names) + 1, *cropped_shape), dtype=np.float32)
+    intensities = {}
+    for c, name in enumerate(names):
+        it = fit_intensity(vols[name], mask, name=f"{subject.id} {name}", **norm[name])
+        intensities[name] = it
+        data[c] = to_network(apply_intensity(crop(vols[name], bbox), it))
+    data[-1] = crop(mask, bbox)
+    return SubjectArrays(
+        data=data,
+        bbox=bbox,
+        shape=tuple(int(s) for s in mask.shape),  # type: ignore[arg-type]
+        intensities=intensities,
+        geometry=geoms[sources[0]],
+        mask_source=mask_source,
+    )
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+@dataclass
+class CachedCohort:
+    """A prepared cache: per-subject arrays (C, x, y, z) plus their index.
+
+    Attributes
+    ----------
+    cache_dir : Path
+    index_path : Path
+    sources, target : modality names; channels are [target, *sources, "mask"].
+    normalization : resolved per-modality normalization.
+    margins : ROI margins.
+    use_mask_weights : whether training weights voxels by the mask.
+    entries : list of dict
+        Per subject: "id", "file", "key", "shape" (C, x, y, z), "bbox" ([start, stop] per axis),
+        "full_shape", "mask_source", "intensity" (per modality).
+    rebuilt : list of str
+        Ids written by the call that returned this object (empty when fully reused).
+    """
+
+    cache_dir: Path
+    index_path: Path
+    sources: list[str]
+    target: str
+    normalization: dict[str, dict[str, Any]]
+    margins: tuple[int, int, int]
+    use_mask_weights: bool
+    entries: list[dict[str, Any]]
+    rebuilt: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def ids(self) -> list[str]:
+        """Subject ids in cache order."""
+        return [e["id"] for e in self.entries]
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int, int]]:
+        """Array shape (C, x, y, z) per subject."""
+        return [tuple(e["shape"]) for e in self.entries]  # type: ignore[misc]
+
+    @property
+    def channels(self) -> list[str]:
+        """Channel names: [target, *sources, "mask"]."""
+        return [self.target, *self.sources, "mask"]
+
+    def path(self, i: int) -> Path:
+        """Array file of subject ``i``."""
+        return self.cache_dir / self.entries[i]["file"]
+
+    def load(self, i: int, *, mmap: bool = True) -> np.ndarray:
+        """Array (C, x, y, z) of subject ``i``, memory-mapped read-only by default."""
+        return np.load(self.path(i), mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def bbox(self, i: int) -> tuple[slice, slice, slice]:
+        """ROI box of subject ``i`` within its full canonical volume."""
+        b = self.entries[i]["bbox"]
+        return (slice(*b[0]), slice(*b[1]), slice(*b[2]))
+
+    @classmethod
+    def open(cls, index_path: str | os.PathLike) -> CachedCohort:
+        """Open a prepared cache from its index JSON (no manifest or image files needed)."""
+        index_path = Path(index_path)
+        index = _read_index(index_path)
+        if index is None:
+            raise InputError(f"cache index {index_path} is missing, damaged or of another version")
+        for e in index["subjects"]:
+            if not (index_path.parent / e["file"]).is_file():
+                raise InputError(f"cache index {index_path}: array file {e['file']} is missing")
+        return cls(
+            cache_dir=index_path.parent,
+            index_path=index_path,
+            sources=list(index["sources"]),
+            target=index["target"],
+            normalization=index["normalization"],
+            margins=tuple(index["margins"]),  # type: ignore[arg-type]
+            use_mask_weights=bool(index["use_mask_weights"]),
+            entries=list(index["subjects"]),
+        )
+
+
+def _read_index(path: Path) -> dict | None:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (
+        isinstance(index, dict)
+        and index.get("format") == "yoda-cache"
+        and index.get("version") == CACHE_VERSION
+        and isinstance(index.get("subjects"), list)
+    )
+    return index if ok else None
+
+
+def _file_stamp(path: Path, sid: str, role: str) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise InputError(f"subject {sid}: {role} file {path} not found") from None
+    return [str(Path(path).absolute()), st.st_mtime_ns, st.st_size]
+
+
+def _subject_key(
+    subject: Subject,
+    sources: list[str],
+    target: str,
+    norm: dict,
+    margins: tuple[int, int, int],
+) -> str:
+    files = {m: _file_stamp(subject.images[m], subject.id, m) for m in [target, *sources]}
+    if subject.mask is not None:
+        files["mask"] = _file_stamp(subject.mask, subject.id, "mask")
+    payload = {
+        "version": CACHE_VERSION,
+        "files": files,
+        "normalization": norm,
+        "sources": sources,
+        "target": target,
+        "margins": list(margins),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _array_ok(path: Path, shape: Sequence[int]) -> bool:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return tuple(arr.shape) == tuple(shape) and arr.dtype == np.float32
+
+
+def _referenced_files(cache_dir: Path) -> set[str]:
+    refs: set[str] = set()
+    for p in cache_dir.glob("index-*.json"):
+        index = _read_index(p)
+        if index is not None:
+            refs.update(str(e.get("file")) for e in index["subjects"])
+    return refs
+
+
+def prepare_cache(
+    manifest: Manifest,
+    sources: Sequence[str],
+    target: str,
+    cache_dir: str | os.PathLike,
+    *,
+    split: str | None = "train",
+    normalization: str | Mapping[str, Any] = "tissue",
+    use_mask_weights: bool = False,
+    margins: Sequence[int] = DEFAULT_MARGINS,
+    progress: bool = False,
+) -> CachedCohort:
+    """Cache the subjects of one split as memory-mappable arrays; reuse what is up to date.
+
+    Parameters
+    ----------
+    manifest : Manifest
+    sources : sequence of str
+        Source modality names (channel order of the conditioning).
+    target : str
+        Target modality name.
+    cache_dir : path
+        Folder of the cache (created if needed).
+    split : str or None
+        Split to cache (None: all subjects).
+    normalization : str or mapping
+        See :func:`resolve_normalization`.
+    use_mask_weights : bool
+        Training will weight the loss by the mask; then every subject needs its own mask.
+    margins : (x, y, z)
+        ROI margins in voxels.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    CachedCohort
+    """
+    from tqdm import tqdm
+
+    sources, target = _check_names(sources, target)
+    margins_t = tuple(int(m) for m in margins)
+    if len(margins_t) != 3 or min(margins_t) < 0:
+        raise ConfigError(f"ROI margins {tuple(margins)} must be three non-negative integers")
+    if split is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", str(split)):
+        raise ConfigError(f"split name {split!r} must be letters, digits, '_' or '-'")
+    split_name = "all" if split is None else str(split)
+    subjects = manifest.split(split).subjects
+    if not subjects:
+        raise InputError(f"manifest under {manifest.root}: no subjects in split {split!r}")
+    Manifest(subjects, manifest.root).require([target, *sources], where=f"split {split_name}")
+    if use_mask_weights:
+        lacking = [s.id for s in subjects if s.mask is None]
+        if lacking:
+            raise InputError(
+                f"mask weighting needs a mask per subject; {len(lacking)} lack one: "
+                + ", ".join(lacking[:20])
+                + (" ..." if len(lacking) > 20 else "")
+            )
+    norm = resolve_normalization(normalization, [target, *sources])
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index_path = cache_dir / f"index-{split_name}.json"
+    old = _read_index(index_path) or {"subjects": []}
+    old_entries = {e.get("id"): e for e in old["subjects"] if isinstance(e, dict)}
+
+    entries: list[dict[str, Any]] = []
+    rebuilt: list[str] = []
+    for subject in tqdm(subjects, desc="cache", unit="subject", disable=not progress):
+        key = _subject_key(subject, sources, target, norm, margins_t)
+        fname = f"{subject.id}.{key[:16]}.npy"
+        prev = old_entries.get(subject.id)
+        if (
+            prev is not None
+            and prev.get("key") == key
+            and prev.get("file") == fname
+            and _array_ok(cache_dir / fname, prev.get("shape", ()))
+        ):
+            entries.append(prev)
+            continue
+        arrays = load_subject_arrays(subject, sources, target, normalization, margins=margins_t)
+        _atomic_save_npy(cache_dir / fname, arrays.data)
+        entries.append(
+            {
+                "id": subject.id,
+                "file": fname,
+                "key": key,
+                "shape": list(arrays.data.shape),
+                "full_shape": list(arrays.shape),
+                "bbox": [[b.start, b.stop] for b in arrays.bbox],
+                "mask_source": arrays.mask_source,
+                "intensity": {k: v.to_dict() for k, v in arrays.intensities.items()},
+            }
+        )
+        rebuilt.append(subject.id)
+
+    index = {
+        "format": "yoda-cache",
+        "version": CACHE_VERSION,
+        "split": split_name,
+        "sources": sources,
+        "target": target,
+        "channels": [target, *sources, "mask"],
+        "normalization": norm,
+        "margins": list(margins_t),
+        "use_mask_weights": bool(use_mask_weights),
+        "subjects": entries,
+    }
+    if _read_index(index_path) != index:
+        _atomic_write_json(index_path, index)
+    if rebuilt:
+        _remove_stale(cache_dir, rebuilt)
+    return CachedCohort(
+        cache_dir=cache_dir,
+        index_path=index_path,
+        sources=sources,
+        target=target,
+        normalization=norm,
+        margins=margins_t,  # type: ignore[arg-type]
+        use_mask_weights=bool(use_mask_weights),
+        entries=entries,
+        rebuilt=rebuilt,
+    )
+
+
+def _remove_stale(cache_dir: Path, ids: list[str]) -> None:
+    """Delete older arrays of rebuilt subjects that no index refers to any more."""
+    refs = _referenced_files(cache_dir)
+    for sid in ids:
+        pattern = re.compile(re.escape(sid) + r"\.[0-9a-f]{16}\.npy")
+        for p in cache_dir.glob(f"{_glob_escape(sid)}.*.npy"):
+            if pattern.fullmatch(p.name) and p.name not in refs:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
+def _glob_escape(text: str) -> str:
+    """Escape glob metacharacters in a literal file name part."""
+    return re.sub(r"([\[\]*?])", r"[\1]", text)
