@@ -184,3 +184,14 @@ def test_coefficients_cached_per_dtype() -> None:
     torch.testing.assert_close(
         a32.double() ** 2 + b32.double() ** 2, torch.ones(50, dtype=torch.float64)
     )
+
+
+def test_tables_first_built_in_inference_mode_still_serve_training():
+    sched = make_schedule("linear", 10)
+    x0 = torch.randn(2, 3)
+    with torch.inference_mode():
+        q_sample(sched, x0, 5, torch.randn(2, 3))
+    w = torch.ones(2, 3, requires_grad=True)
+    out = predict_x0(sched, "v", w * 2.0, x0, 5)
+    out.sum().backward()  # raises if the cached tables were inference tensors
+    assert w.grad is not None and torch.isfinite(w.grad).all()

@@ -65,16 +65,19 @@ class Schedule:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables ``sqrt(alpha_bar)`` and ``sqrt(1 - alpha_bar)`` of shape (T,) on ``device``.
 
-        Computed in float64, then cast; cached per (device, dtype).
+        Computed in float64, then cast; cached per (device, dtype). The tables are built
+        outside inference mode so that a first use under ``torch.inference_mode`` does not
+        make them unusable for training afterwards.
         """
         key = (torch.device(device), dtype)
         tables = self._tables.get(key)
         if tables is None:
             ab = self.alpha_bar
-            tables = (
-                ab.sqrt().to(dtype=dtype).to(device),
-                (1.0 - ab).sqrt().to(dtype=dtype).to(device),
-            )
+            with torch.inference_mode(False):
+                tables = (
+                    ab.sqrt().to(dtype=dtype).to(device),
+                    (1.0 - ab).sqrt().to(dtype=dtype).to(device),
+                )
             self._tables[key] = tables
         return tables
 
