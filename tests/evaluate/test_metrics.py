@@ -265,38 +265,38 @@ def test_lesion_cnr_nan_cases_give_a_reason():
 # --------------------------------------------------------------------------- WMH segmentation
 
 
-def test_segment_wmh_threshold_rule_dilation_and_min_size():
+def test_segment_wmh_ratio_rule_region_and_min_size():
     shape = (30, 30, 30)
     rng = np.random.default_rng(14)
     wm = np.zeros(shape, bool)
     wm[5:25, 5:25, 5:25] = True
     img = np.full(shape, 60.0)
     img[wm] = rng.normal(100.0, 3.0, int(wm.sum()))
-    vals = img[wm]
-    med = np.median(vals)
-    thr = med + 3.0 * 1.4826 * np.median(np.abs(vals - med))
-    img[wm] = np.minimum(img[wm], thr - 0.5)  # no WM voxel above the threshold
-    # three candidates in the dilation shell (outside WM: the statistics do not change)
-    inside = np.zeros(shape, bool)
-    inside[4, 10:13, 10:13] = True  # 9 voxels just above the threshold, next to the WM
-    img[inside] = thr + 0.01
+    thr = 1.4 * np.median(img[wm])
+    lesion = np.zeros(shape, bool)
+    lesion[10:13, 10:13, 10:13] = True  # 27 voxels above the threshold
+    img[lesion] = thr + 2.0
     below = np.zeros(shape, bool)
-    below[4, 18:21, 18:21] = True
-    img[below] = thr - 0.01
-    far = np.zeros(shape, bool)
-    far[3, 15:18, 5:8] = True  # two voxels away from the WM: not in the search region
-    img[far] = thr + 50
+    below[18:21, 18:21, 18:21] = True
+    img[below] = thr - 2.0
     small = np.zeros(shape, bool)
-    small[25, 15, 15:17] = True  # 2 voxels: removed by min_size=3
+    small[22, 15, 15] = True  # 1 voxel: removed by min_size=2
     img[small] = thr + 50
-    seg = segment_wmh(img, wm, k=3.0, min_size=3)
-    assert np.array_equal(seg, inside)
-    seg2 = segment_wmh(img, wm, k=3.0, min_size=2)
-    assert np.array_equal(seg2, inside | small)
-    brain = np.ones(shape, bool)
-    brain[4, 10:13, 12] = False  # outside the WM: the WM statistics stay the same
-    seg3 = segment_wmh(img, wm, brain_mask=brain, k=3.0, min_size=3)
-    assert np.array_equal(seg3, inside & brain)
+    outside = np.zeros(shape, bool)
+    outside[2, 2:5, 2:5] = True  # bright, but outside the search region
+    img[outside] = thr + 50
+    # the lesion and "below" blocks hold 54 of 8000 WM voxels: the median barely moves
+    thr = 1.4 * np.median(img[wm])
+    assert img[lesion].min() > thr > img[below].max()
+    seg = segment_wmh(img, wm)
+    assert np.array_equal(seg, lesion)
+    assert np.array_equal(segment_wmh(img, wm, min_size=1), lesion | small)
+    region = wm | outside
+    assert np.array_equal(segment_wmh(img, wm, region=region), lesion | outside)
+    # the rule scales with the tissue level, not with the noise: a denoised copy agrees
+    assert np.array_equal(segment_wmh(img * 2.0, wm), lesion)
+    with pytest.raises(InputError):
+        segment_wmh(img, np.zeros(shape, bool))
 
 
 def test_remove_small_components_uses_26_connectivity():

@@ -38,7 +38,7 @@ __all__ = [
     "NOISE_BLUR_SIGMA",
     "NOISE_BLUR_RADIUS",
     "CNR_DISTANCE_MM",
-    "MAD_TO_STD",
+    "WMH_RATIO",
     "MetricWarning",
     "LesionCNR",
     "ssim3d",
@@ -72,8 +72,8 @@ NOISE_BLUR_RADIUS = 2
 """Radius of the Gaussian blur of Eq. 14 (kernel size 5)."""
 CNR_DISTANCE_MM = 3.0
 """White matter within this distance (mm) of a lesion is its reference for the CNR (Eq. 15)."""
-MAD_TO_STD = 1.4826
-"""Scale factor from the median absolute deviation to the std of a normal distribution."""
+WMH_RATIO = 1.4
+"""FLAIR intensity, relative to the white-matter median, above which a voxel is a lesion."""
 
 _CUBE = np.ones((3, 3, 3), dtype=bool)
 
@@ -437,46 +437,34 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
 def segment_wmh(
     flair: np.ndarray,
     wm_mask: np.ndarray,
-    brain_mask: np.ndarray | None = None,
-    k: float = 3.0,
-    min_size: int = 3,
+    region: np.ndarray | None = None,
+    ratio: float = WMH_RATIO,
+    min_size: int = 2,
 ) -> np.ndarray:
-    """White-matter hyperintensities by a fixed robust threshold on a FLAIR volume.
+    """White-matter hyperintensities by a fixed intensity-ratio rule on a FLAIR volume.
 
     Rule (the same for acquired and translated images):
 
-    1. reference statistics over the white-matter mask (within ``brain_mask`` if given):
-       ``med`` = median, ``mad`` = median absolute deviation from ``med``;
-    2. threshold ``t = med + k * 1.4826 * mad`` (k robust standard deviations above the median);
-    3. candidates: voxels with ``flair > t`` inside the white-matter mask dilated by one voxel
-       (3x3x3 cube; periventricular lesions often fall just outside a tissue-class WM mask),
-       restricted to ``brain_mask`` if given;
-    4. 26-connected components smaller than ``min_size`` voxels are removed.
+    1. reference level: the median FLAIR intensity over the white-matter mask ``wm_mask``;
+    2. candidates: voxels of ``region`` brighter than ``ratio`` x that median (default 1.4:
+       normal grey matter is ~1.15-1.2 x white matter in FLAIR, lesions ~1.8 x);
+    3. 26-connected components smaller than ``min_size`` voxels are removed.
 
-    Returns a boolean mask of the image's shape.
+    ``region`` is where lesions are searched: a white-matter segmentation that includes the
+    lesions (as tissue segmentations that label WMH as white matter do); default ``wm_mask``.
+    The threshold is relative to the tissue level, not to the image's noise, so smooth
+    (denoised) and noisy images are segmented alike. Returns a boolean mask.
     """
     x = _as_float(flair, "flair", ndim=3)
     wm = _as_mask(wm_mask, "wm_mask", x.shape)
-    kk = float(k)
-    if not math.isfinite(kk) or kk < 0:
-        raise ConfigError(f"k must be a non-negative number, got {k}")
-    ref = wm
-    brain = None
-    if brain_mask is not None:
-        brain = _as_mask(brain_mask, "brain_mask", x.shape)
-        ref = wm & brain
-    if not ref.any():
-        raise InputError(
-            "wm_mask is empty (within brain_mask): no white matter to threshold against"
-        )
-    vals = x[ref]
-    med = float(np.median(vals))
-    mad = float(np.median(np.abs(vals - med)))
-    thr = med + kk * MAD_TO_STD * mad
-    region = ndimage.binary_dilation(wm, structure=_CUBE)
-    if brain is not None:
-        region &= brain
-    return remove_small_components(region & (x > thr), min_size)
+    search = wm if region is None else _as_mask(region, "region", x.shape)
+    r = float(ratio)
+    if not math.isfinite(r) or r <= 0:
+        raise ConfigError(f"ratio must be a positive number, got {ratio}")
+    if not wm.any():
+        raise InputError("wm_mask is empty: no white matter to set the threshold")
+    thr = r * float(np.median(x[wm]))
+    return remove_small_components(search & (x > thr), min_size)
 
 
 # --------------------------------------------------------------------------- overlap metrics

@@ -1,0 +1,276 @@
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from yoda.cli import main
+from yoda.data.io import load_image, save_image
+from yoda.data.manifest import read_manifest
+from yoda.data.normalize import apply_intensity, fit_intensity
+from yoda.data.phantom import make_phantom
+from yoda.errors import ConfigError, InputError
+from yoda.evaluate.evaluation import evaluate
+from yoda.evaluate.metrics import rician_noise
+from yoda.evaluate.report import SECTIONS, highlights, write_report
+from yoda.evaluate.robustness import parse_levels, robustness
+
+FIGURE_SECTIONS = ("examples", "perception-distortion", "lesion-volumes", "quality-control")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Three phantom test subjects; regression (clean), diffusion (noisy) and ExpA stand-ins."""
+    root = tmp_path_factory.mktemp("phantom")
+    manifest_path = make_phantom(root, 3, voxel_size=4.0, seed=11, counts=(0, 0, 3))
+    manifest = read_manifest(manifest_path)
+    pred = root / "pred"
+    for k, s in enumerate(manifest.subjects):
+        acq, geom = load_image(s.images["flair"])
+        mask = load_image(s.mask)[0] > 0.5
+        fit = fit_intensity(acq, mask, method="tissue")
+        clean = apply_intensity(load_image(s.clean["flair"])[0], fit)
+        stand_ins = {
+            "regression": (clean, {"mode": "regression", "nfe": 3}),
+            "diffusion": (
+                rician_noise(clean, 6.0, k),
+                {"mode": "diffusion", "nfe": 11, "timesteps": 11},
+            ),
+            "expa-4": (
+                rician_noise(clean, 3.0, 50 + k),
+                {"mode": "expa", "n_ex": 4, "nfe": 44, "timesteps": 11},
+            ),
+        }
+        for name, (img, side) in stand_ins.items():
+            if name == "expa-4" and k == 2:
+                continue  # a missing prediction
+            folder = pred / name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_image(img, geom, folder / f"{s.id}_flair.nii.gz", overwrite=True)
+            side = {**side, "seconds": 1.0 + k, "target": "flair", "sources": ["t1w", "t2w"]}
+            (folder / f"{s.id}_flair.json").write_text(json.dumps(side))
+    return manifest_path, manifest, pred
+
+
+class SmoothingTranslator:
+    """Stand-in for a Translator: the output is a smoothed copy of the first source (0-255)."""
+
+    sources = ["t1w", "t2w"]
+    card = SimpleNamespace(target="flair", normalization={"method": "tissue"})
+
+    def __init__(self):
+        self.calls = []
+
+    def translate(self, sources, *, mode, mask, seed, **options):
+        arr, _ = sources["t1w"]
+        m = mask[0] > 0
+        self.calls.append({"t1w": arr.copy(), "mode": mode, "seed": seed, "mask": m})
+        out = apply_intensity(ndimage.gaussian_filter(arr, 0.5), fit_intensity(arr, m, "tissue"))
+        return SimpleNamespace(image=out, info={"seconds": 0.01})
+
+
+@pytest.fixture(scope="module")
+def rob(cohort):
+    manifest_path, _, _ = cohort
+    translator = SmoothingTranslator()
+    result = robustness(translator, manifest_path, "test", "0,4,8", max_subjects=2, progress=False)
+    return result, translator
+
+
+@pytest.fixture(scope="module")
+def report(cohort, rob, tmp_path_factory):
+    manifest_path, _, pred = cohort
+    ev = evaluate(pred, manifest_path, progress=False)
+    out = tmp_path_factory.mktemp("report")
+    path = write_report(ev, out, robustness=rob[0])
+    return ev, out, path, path.read_text(encoding="utf-8")
+
+
+def _sections(page: str) -> dict[str, str]:
+    parts = re.split(r'<section id="([a-z-]+)">', page)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_has_every_section_and_embedded_figures(report):
+    _, _, path, page = report
+    assert path.name == "report.html"
+    sections = _sections(page)
+    assert list(sections) == [sid for sid, _ in SECTIONS]
+    for sid in (*FIGURE_SECTIONS, "robustness"):
+        images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', sections[sid])
+        assert images, sid
+        assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    # self-contained: no external resources
+    assert not re.search(r'(src|href)="(https?:|//|file:)', page)
+    assert "<link" not in page and "<script" not in page
+
+
+def test_tables_have_one_row_per_subject_and_method(report):
+    ev, out, _, _ = report
+    metrics = _read_csv(out / "metrics.csv")
+    assert len(metrics) == 3 + 3 + 2  # expa-4 misses one subject
+    assert {(r["subject"], r["method"]) for r in metrics} == {
+        (r["subject"], r["method"]) for r in ev.rows
+    }
+    summary = _read_csv(out / "summary.csv")
+    methods = [r["method"] for r in summary if r["kind"] == "method"]
+    assert methods == ["regression", "expa-4", "diffusion"]
+    assert [r["method"] for r in summary if r["kind"] == "reference"] == ["acquired", "clean"]
+    ssim = {r["method"]: float(r["ssim_acq_mean"]) for r in summary if r["kind"] == "method"}
+    for name, value in ssim.items():
+        vals = [float(r["ssim_acq"]) for r in metrics if r["method"] == name]
+        assert value == pytest.approx(np.mean(vals))
+    reference = _read_csv(out / "reference.csv")
+    assert len(reference) == 3 * 2
+    md = (out / "summary.md").read_text()
+    for name in methods:
+        assert re.search(rf"^\| {re.escape(name)} \|", md, re.M)
+    for name in ("noise_curve.csv", "stats.csv", "lesion_volumes.csv", "robustness.csv"):
+        assert (out / name).is_file()
+    assert (out / "figures" / "perception_distortion.png").is_file()
+
+
+def test_page_text_comes_from_the_data(report):
+    ev, out, _, page = report
+    metrics = _read_csv(out / "metrics.csv")
+    means = {
+        name: np.mean([float(r["ssim_acq"]) for r in metrics if r["method"] == name])
+        for name in ev.method_names
+    }
+    best = max(means, key=means.get)
+    assert f"Highest mean SSIM vs acquired: {best} ({means[best] * 100:.2f} %)" in page
+    sig = {e["method"]: e["sigma_wm_mean"] for e in ev.summary if e["kind"] == "method"}
+    lowest = min(sig, key=sig.get)
+    assert any(
+        h.startswith(f"Lowest mean noise level σ_WM among the methods: {lowest}")
+        for h in highlights(ev)
+    )
+    # the strided diffusion runs are stated plainly
+    assert (
+        "diffusion: diffusion used 11 timesteps (strided preview), not the paper&#x27;s 251" in page
+    )
+    assert "expa-4: diffusion used 11 timesteps (strided preview)" in page
+    # missing predictions and the skipped FID are reported
+    overview = _sections(page)["overview"]
+    assert "sub-002" in overview and "Missing predictions" in overview
+    assert "FID skipped" in page
+    assert "regression is best" not in page.lower()
+    # a mean over fewer subjects (expa-4 misses one) is flagged where it wins
+    for line in highlights(ev):
+        if line.startswith("Highest mean") and ": expa-4" in line:
+            assert "expa-4: 2 of 3" in line
+
+
+def test_report_without_labels_or_robustness_says_so(cohort, tmp_path):
+    from yoda.data.manifest import Manifest, Subject
+
+    _, manifest, pred = cohort
+    bare = Manifest(
+        [Subject(s.id, s.split, dict(s.images), mask=s.mask) for s in manifest.subjects],
+        manifest.root,
+    )
+    ev = evaluate(pred / "regression", bare, progress=False)
+    page = write_report(ev, tmp_path / "rep").read_text()
+    sections = _sections(page)
+    assert list(sections) == [sid for sid, _ in SECTIONS]
+    assert "Not available" in sections["perception-distortion"]
+    assert "Not evaluated" in sections["robustness"]
+    assert "data:image/png" in sections["examples"]
+
+
+def test_robustness_reports_every_level(rob):
+    result, translator = rob
+    assert result.levels == [0.0, 4.0, 8.0]
+    assert [e["sigma_in"] for e in result.summary] == [0.0, 4.0, 8.0]
+    assert all(e["n"] == 2 for e in result.summary)
+    assert len(result.rows) == 2 * 3
+    noise = [e["sigma_wm_mean"] for e in result.summary]
+    assert noise[0] < noise[1] < noise[2]  # the stand-in passes input noise through
+    ssim = [e["ssim_acq_mean"] for e in result.summary]
+    assert ssim[0] > ssim[2]
+    assert math.isfinite(result.acquired_sigma_wm) and math.isfinite(result.clean_sigma_wm)
+    assert {c["mode"] for c in translator.calls} == {"regression"}
+
+
+def test_robustness_noise_is_on_each_source_scale(rob, cohort):
+    _, manifest, _ = cohort
+    _, translator = rob
+    s = manifest.subjects[0]
+    raw, _ = load_image(s.images["t1w"])
+    mask = load_image(s.mask)[0] > 0.5
+    scale = fit_intensity(raw, mask, method="tissue").scale
+    calls = translator.calls[:3]  # subject 0: levels 0, 4, 8
+    np.testing.assert_array_equal(calls[0]["t1w"], raw)  # level 0: the source as it is
+    bright = mask & (raw * scale > 60)  # Rician ~ Gaussian at high SNR
+    for call, sigma in zip(calls[1:], (4.0, 8.0), strict=True):
+        added = (call["t1w"] - raw)[bright] * scale
+        assert added.std() == pytest.approx(sigma, rel=0.08)
+        assert abs(added.mean()) < 0.1 * sigma + 0.2
+        np.testing.assert_array_equal(call["mask"], mask)
+    assert len({c["seed"] for c in calls}) == 1  # one sampling seed per subject
+
+
+def test_robustness_options_are_checked(cohort):
+    manifest_path, _, _ = cohort
+    assert parse_levels("6, 0,2,2") == [0.0, 2.0, 6.0]
+    for bad in ("", "a,b", "-1,2"):
+        with pytest.raises(ConfigError):
+            parse_levels(bad)
+    with pytest.raises(InputError):
+        robustness(SmoothingTranslator(), manifest_path, "train", [0.0], progress=False)
+
+
+def test_cli_writes_the_report(cohort, tmp_path, capsys):
+    manifest_path, _, pred = cohort
+    out = tmp_path / "cli-report"
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            f"reg={pred / 'regression'}",
+            "--pred",
+            str(pred / "diffusion"),
+            "--data",
+            str(manifest_path),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert (out / "report.html").is_file()
+    summary = _read_csv(out / "summary.csv")
+    assert [r["method"] for r in summary if r["kind"] == "method"] == ["reg", "diffusion"]
+    assert "-> " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pred", "/nonexistent/folder"], "does not exist"),
+        (["--pred", "bad name!=x"], "NAME=DIR"),
+        (["--input-noise", "0,2"], "--input-noise and --model"),
+    ],
+)
+def test_cli_bad_arguments_fail_with_one_line(cohort, tmp_path, capsys, extra, message):
+    manifest_path, _, pred = cohort
+    args = ["evaluate", "--data", str(manifest_path), "--out", str(tmp_path / "o")]
+    if "--pred" not in extra:
+        args += ["--pred", str(pred)]
+    code = main(args + extra + ["--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("yoda evaluate:")
