@@ -239,6 +239,8 @@ class SlabSampler(IterableDataset):
         hb, wb = (H - h) // 2, (W - w) // 2
         out = np.full((block.shape[0], self.n, H, W), -1.0, dtype=np.float32)
         out[:, lo - (s - r) : hi - (s - r), hb : hb + h, wb : wb + w] = block
+        valid = np.zeros((self.n, H, W), dtype=bool)
+        valid[lo - (s - r) : hi - (s - r), hb : hb + h, wb : wb + w] = True
         weight = np.zeros((1, H, W), dtype=np.float32)
         if self.use_mask_weights:
             centre = [s if k == a else slice(None) for k in range(3)]
@@ -251,6 +253,7 @@ class SlabSampler(IterableDataset):
             "target": torch.from_numpy(out[0]),
             "cond": torch.from_numpy(out[1:].reshape(self.n_sources * self.n, H, W)),
             "weight": torch.from_numpy(weight),
+            "valid": torch.from_numpy(valid),
             "view": int(self._view_index[v]),
             "subject": i,
             "index": g,

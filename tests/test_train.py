@@ -1,0 +1,424 @@
+"""Training loop: learning, distributed training, checkpoints, exact resume, options, CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import yoda.train as train_module
+from yoda.cli import main
+from yoda.config import TrainConfig, apply_overrides
+from yoda.errors import ConfigError
+from yoda.model.checkpoint import load_model, read_card
+from yoda.train import ema_decay_at, latest_checkpoint, learning_rate, train, weights_sha256
+
+
+def _config(manifest: Path, out: Path, cache: Path | None = None, **overrides) -> TrainConfig:
+    values = {
+        "data.manifest": str(manifest),
+        "data.sources": ["t1w", "t2w"],
+        "data.target": "flair",
+        "data.cache_dir": str(cache) if cache else None,
+        "run.out": str(out),
+        "model.preset": "tiny",
+        "optim.batch_size": 4,
+        "run.steps": 12,
+        "run.threads": 1,
+        "run.log_every": 1,
+        "run.val_every": 4,
+        "run.val_slabs": 8,
+        "run.val_images": 4,
+        "run.checkpoint_every": 4,
+    }
+    values.update(overrides)
+    return apply_overrides(TrainConfig(), values)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _curve(run_dir: Path) -> list[tuple]:
+    """Loss and validation entries in order (everything that depends on the arithmetic)."""
+    out = []
+    for e in _metrics(run_dir):
+        if "loss" in e:
+            out.append((e["step"], "loss", e["loss"], e["lr"]))
+        if "val_loss" in e:
+            out.append((e["step"], "val", e["val_loss"], e["val_loss_raw"], e.get("val_psnr")))
+    return out
+
+
+def _end(run_dir: Path) -> dict:
+    return [e for e in _metrics(run_dir) if e.get("event") == "end"][-1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread in the test process is fastest and immune to busy CPUs
+    (training runs set run.threads=1 themselves)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference_run(phantom_cohort, cache_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 24-step run (the oracle for the resume tests)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    cfg = _config(phantom_cohort, out, cache_dir, **{"run.steps": 24, "run.checkpoint_every": 0})
+    train(cfg, progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# closed forms
+
+
+def test_learning_rate_schedules():
+    base = TrainConfig()
+    assert learning_rate(base, 0, 100) == learning_rate(base, 99, 100) == 1e-4
+    cos = apply_overrides(base, {"optim.lr_final": 1e-6})
+    assert learning_rate(cos, 0, 100) == pytest.approx(1e-4)
+    assert learning_rate(cos, 50, 100) == pytest.approx((1e-4 + 1e-6) / 2)
+    assert learning_rate(cos, 100, 100) == pytest.approx(1e-6)
+    lrs = [learning_rate(cos, s, 100) for s in range(100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    step = apply_overrides(cos, {"optim.lr_decay": "step", "optim.lr_step_at": 0.5})
+    assert learning_rate(step, 49, 100) == 1e-4 and learning_rate(step, 50, 100) == 1e-6
+
+
+def test_ema_warmup_formula():
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 10) == pytest.approx(11 / 20)
+    assert ema_decay_at(0.999, 10**6) == 0.999
+    assert ema_decay_at(0.999, 0, warmup=False) == 0.999
+
+
+# ------------------------------------------------------------------------------------------
+# learning
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_and_beats_the_mean_image(phantom_cohort, cache_dir, tmp_path):
+    """A few hundred steps lower the validation loss clearly, and regression sampling of the
+    EMA model beats the mean training target in PSNR on the held-out subject."""
+    from yoda.data.cache import CachedCohort
+    from yoda.data.normalize import from_network
+    from yoda.diffusion.sampling import regression
+    from yoda.diffusion.schedule import make_schedule
+    from yoda.evaluate.metrics import psnr
+    from yoda.model.denoiser import VolumeDenoiser
+
+    out = tmp_path / "run"
+    cfg = _config(
+        phantom_cohort,
+        out,
+        cache_dir,
+        **{
+            "run.steps": 160,
+            "optim.batch_size": 8,
+            # faster learning for a short test run (the paper's lr 1e-4 needs far more steps)
+            "optim.lr": 2e-3,
+            "optim.ema_decay": 0.99,
+            "optim.high_t_share": 0.5,
+            "run.log_every": 20,
+            "run.val_every": 80,
+            "run.val_slabs": 32,
+            "run.val_images": 16,
+            "run.checkpoint_every": 0,
+        },
+    )
+    model_dir = train(cfg, progress=False)
+    vals = [e for e in _metrics(out) if "val_loss" in e]
+    assert [e["step"] for e in vals] == [0, 80, 160]
+    assert vals[-1]["val_loss"] < 0.5 * vals[0]["val_loss"]
+    assert vals[-1]["val_psnr"] > vals[0]["val_psnr"] + 10
+
+    model, card = load_model(model_dir)
+    assert card.steps == 160 and card.training["subjects"] == 3
+    val = CachedCohort.open(Path(cfg.data.cache_dir) / "index-val.json")
+    arr = val.load(0, mmap=False)
+    sched = make_schedule(card.schedule, card.T)
+    denoise = VolumeDenoiser(model, sched, card.prediction, torch.from_numpy(arr[1:3]))
+    gen = torch.Generator().manual_seed(0)
+    pred = regression(denoise, arr.shape[1:], sched, prediction=card.prediction, generator=gen)
+    train_cohort = CachedCohort.open(Path(cfg.data.cache_dir) / "index-train.json")
+    full_shape = tuple(val.entries[0]["full_shape"])
+    fulls = []
+    for i in range(len(train_cohort)):
+        assert tuple(train_cohort.entries[i]["full_shape"]) == full_shape  # one phantom grid
+        full = np.full(full_shape, -1.0, dtype=np.float32)
+        full[train_cohort.bbox(i)] = train_cohort.load(i)[0]
+        fulls.append(full)
+    baseline = np.mean(fulls, axis=0)[val.bbox(0)]
+    mask = arr[-1] > 0
+    ref = from_network(arr[0])
+    p_model = psnr(from_network(pred.image.numpy()), ref, mask)
+    p_mean = psnr(from_network(baseline), ref, mask)
+    assert p_model > p_mean + 1.0, (p_model, p_mean)
+
+
+# ------------------------------------------------------------------------------------------
+# distributed
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(phantom_cohort, cache_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+        "-m", "yoda", "train",
+        "--data", str(phantom_cohort), "--sources", "t1w", "t2w", "--target", "flair",
+        "--out", str(out), "--cache-dir", str(cache_dir), "--preset", "tiny",
+        "--steps", "4", "--batch-size", "8", "--micro-batch", "2", "--log-every", "1",
+        "--val-every", "0", "--checkpoint-every", "2", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = _metrics(out)[0]
+    assert start["world_size"] == 2 and start["accumulation"] == 2 and start["micro_batch"] == 2
+    end = _end(out)
+    raw, ema, first = (
+        end["rank_weights_sha256"],
+        end["rank_ema_sha256"],
+        end["rank_first_batch_sha256"],
+    )
+    assert len(raw) == 2 and raw[0] == raw[1]  # identical weights on both ranks
+    assert ema[0] == ema[1]
+    assert first[0] != first[1]  # each rank drew its own slabs
+    model, card = load_model(out / "model")
+    assert weights_sha256(model) == ema[0]  # rank 0 saved what the ranks agree on
+    assert card.training["world_size"] == 2 and card.steps == 4
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step-00000004"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "COMPLETE",
+        "rank-0.pt",
+        "rank-1.pt",
+        "state.pt",
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints and resume
+
+
+class _Killed(BaseException):
+    """Stands for the process being killed (not an Exception: nothing may catch it)."""
+
+
+def test_kill_during_checkpoint_save_then_resume_is_exact(
+    phantom_cohort, cache_dir, reference_run, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    cfg = _config(phantom_cohort, out, cache_dir, **{"run.steps": 24, "run.checkpoint_every": 8})
+    real_save = train_module._save_file
+
+    def dying_save(obj, path):
+        if ".tmp-step-00000016" in str(path) and path.name == "state.pt":
+            raise _Killed  # rank file of step 16 written, state not yet
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_module, "_save_file", dying_save)
+    with pytest.raises(_Killed):
+        train(cfg, progress=False)
+    monkeypatch.setattr(train_module, "_save_file", real_save)
+    assert latest_checkpoint(out).name == "step-00000008"
+    assert (out / "checkpoint" / ".tmp-step-00000016").exists()  # the torn save
+    assert max(e["step"] for e in _metrics(out)) == 16  # logged past the checkpoint
+
+    train(cfg, progress=False, resume=True)
+    assert _curve(out) == _curve(reference_run)
+    assert _end(out)["rank_weights_sha256"] == _end(reference_run)["rank_weights_sha256"]
+    assert _end(out)["rank_ema_sha256"] == _end(reference_run)["rank_ema_sha256"]
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["step-00000024"]
+    a, _ = load_model(out / "model")
+    b, _ = load_model(reference_run / "model")
+    assert weights_sha256(a) == weights_sha256(b)
+
+
+def test_sigkill_at_any_moment_then_resume_is_exact(
+    phantom_cohort, cache_dir, reference_run, tmp_path
+):
+    out = tmp_path / "run"
+    cfg = _config(phantom_cohort, out, cache_dir, **{"run.steps": 24, "run.checkpoint_every": 3})
+    from yoda.config import save_config
+
+    cfg_path = save_config(cfg, tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "yoda", "train", "--config", str(cfg_path), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = out / "checkpoint" / "step-00000006" / "COMPLETE"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    done = latest_checkpoint(out)
+    assert done is not None and int(done.name[5:]) < 24  # killed before the end
+
+    # resume with a fresh call of the command line (the run's config.yaml is the base)
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert _curve(out) == _curve(reference_run)
+    assert _end(out)["rank_weights_sha256"] == _end(reference_run)["rank_weights_sha256"]
+
+
+def test_disk_full_keeps_previous_checkpoint_and_training_goes_on(
+    phantom_cohort, cache_dir, tmp_path, monkeypatch, caplog
+):
+    out = tmp_path / "run"
+    # two DataLoader workers here, none when resuming: the slab stream must not depend on it
+    cfg = _config(phantom_cohort, out, cache_dir, **{"run.val_every": 0, "data.num_workers": 2})
+    real_save = train_module._save_file
+
+    def full_disk(obj, path):
+        if "step-00000004" not in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_module, "_save_file", full_disk)
+    with caplog.at_level(logging.WARNING, logger="yoda.train"):
+        model_dir = train(cfg, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "yoda.train"]
+    assert len(warnings) == 2  # steps 8 and 12
+    assert all("previous checkpoint is kept" in w and "No space left" in w for w in warnings)
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["step-00000004"]
+    assert read_card(model_dir).steps == 12  # training finished
+    finished = _end(out)["rank_weights_sha256"]
+    curve = _curve(out)
+
+    monkeypatch.setattr(train_module, "_save_file", real_save)
+    cfg = apply_overrides(cfg, {"data.num_workers": 0})
+    train(cfg, progress=False, resume=True)  # replays steps 5..12 from the kept checkpoint
+    assert _end(out)["rank_weights_sha256"] == finished
+    assert _curve(out) == curve
+
+    # options that change the arithmetic cannot change on resume ...
+    changed = apply_overrides(cfg, {"optim.lr": 5e-4})
+    with pytest.raises(ConfigError, match=r"optim\.lr \(0\.0001 -> 0\.0005\)"):
+        train(changed, progress=False, resume=True)
+    # ... but the run can be extended
+    longer = apply_overrides(cfg, {"run.steps": 14, "run.log_every": 2})
+    train(longer, progress=False, resume=True)
+    assert read_card(out / "model").steps == 14
+    assert [e["step"] for e in _metrics(out) if "loss" in e][-2:] == [12, 14]
+
+
+def test_run_directory_is_not_reused_without_resume(phantom_cohort, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(phantom_cohort, out, cache_dir, **{"run.steps": 1, "run.val_every": 0})
+    train(cfg, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg, progress=False)
+
+
+# ------------------------------------------------------------------------------------------
+# options of the paper and departures
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model.T": 1, "model.prediction": "x0", "model.n_slices": 1, "data.views": ["axial"]},
+        {"model.prediction": "eps", "model.schedule": "cosine", "model.n_slices": 9},
+        {
+            "data.mask_weighting": True,
+            "optim.micro_batch": 2,
+            "optim.lr_final": 1e-5,
+            "optim.lr_decay": "step",
+            "optim.grad_clip": 1.0,
+            "optim.high_t_share": 0.5,
+            "data.normalization": "tissue",
+        },
+    ],
+    ids=["regression-T1-x0-n1-axial", "eps-cosine-n9", "departures"],
+)
+def test_paper_options_and_departures_train(phantom_cohort, cache_dir, tmp_path, overrides):
+    out = tmp_path / "run"
+    cfg = _config(
+        phantom_cohort,
+        out,
+        cache_dir,
+        **{"run.steps": 4, "run.val_every": 4, "run.checkpoint_every": 0, **overrides},
+    )
+    model_dir = train(cfg, progress=False)
+    model, card = load_model(model_dir)
+    assert card.T == cfg.model.T and card.prediction == cfg.model.prediction
+    assert card.n_slices == cfg.model.n_slices and card.schedule == cfg.model.schedule
+    assert card.normalization["method"] == cfg.data.normalization
+    assert model.in_channels == cfg.model.n_slices * 3
+    losses = [e["loss"] for e in _metrics(out) if "loss" in e]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    val = [e for e in _metrics(out) if "val_loss" in e][-1]
+    assert ("val_psnr" in val) == (cfg.model.prediction != "eps")  # no regression for eps
+    start = _metrics(out)[0]
+    assert start["accumulation"] == cfg.optim.batch_size // (cfg.optim.micro_batch or 4)
+    if cfg.optim.lr_final is not None:
+        assert [e["lr"] for e in _metrics(out) if "loss" in e] == [1e-4, 1e-4, 1e-4, 1e-5]
+
+
+def test_ema_with_zero_decay_equals_raw_weights(phantom_cohort, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(
+        phantom_cohort,
+        out,
+        cache_dir,
+        **{"run.steps": 3, "optim.ema_decay": 0.0, "run.val_every": 0, "run.checkpoint_every": 0},
+    )
+    train(cfg, progress=False)
+    end = _end(out)
+    assert end["rank_weights_sha256"] == end["rank_ema_sha256"]
+    ema, _ = load_model(out / "model")
+    raw, _ = load_model(out / "model", weights="raw")
+    assert weights_sha256(ema) == weights_sha256(raw)
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_train_and_errors(phantom_cohort, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = [
+        "train", "--data", str(phantom_cohort), "--sources", "t1w", "t2w", "--target", "flair",
+        "--preset", "tiny", "--cache-dir", str(cache_dir), "--batch-size", "2", "--steps", "2",
+        "--val-every", "0", "--threads", "1", "--no-progress",
+    ]  # fmt: skip
+    assert main([*base, "--out", str(out)]) == 0
+    saved = (out / "config.yaml").read_text()
+    assert "preset: tiny" in saved and "steps: 2" in saved
+    assert read_card(out / "model").training["batch_size"] == 2
+
+    assert main([*base, "--out", str(out)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--device", "gpu"]) == 1
+    assert "run.device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--out", str(tmp_path / "c"), "--device", "cuda"]) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert (
+        main([*base, "--out", str(tmp_path / "d"), "--batch-size", "6", "--micro-batch", "4"]) == 1
+    )
+    assert "micro_batch" in capsys.readouterr().err
+    missing = tmp_path / "none.csv"
+    assert main([*base[:2], str(missing), *base[3:], "--out", str(tmp_path / "e")]) == 1
+    assert "does not exist" in capsys.readouterr().err
