@@ -17,3 +17,48 @@ def phantom_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("phantom4mm")
     return make_phantom(out, 5, voxel_size=4.0, seed=0, counts=(3, 1, 1), progress=False)
+
+
+#: Settings of the shared tiny model: fast learning for a short run (the paper's lr 1e-4
+#: needs far more steps).
+TINY_MODEL_STEPS = 160
+TINY_MODEL_OVERRIDES = {
+    "data.sources": ["t1w", "t2w"],
+    "data.target": "flair",
+    "data.normalization": "tissue",
+    "model.preset": "tiny",
+    "optim.batch_size": 8,
+    "optim.lr": 2e-3,
+    "optim.ema_decay": 0.99,
+    "optim.high_t_share": 0.5,
+    "run.steps": TINY_MODEL_STEPS,
+    "run.threads": 1,
+    "run.log_every": 20,
+    "run.val_every": 80,
+    "run.val_slabs": 32,
+    "run.val_images": 16,
+    "run.checkpoint_every": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(phantom_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `tiny` model trained once per test session on ``phantom_cohort``; its model directory.
+
+    The run directory (metrics.jsonl, cache/) is the model directory's parent. Shared by the
+    whole session: tests must not modify its files.
+    """
+    import torch
+
+    from yoda.config import TrainConfig, apply_overrides
+    from yoda.train import train
+
+    out = tmp_path_factory.mktemp("tiny-model") / "run"
+    values = dict(
+        TINY_MODEL_OVERRIDES, **{"data.manifest": str(phantom_cohort), "run.out": str(out)}
+    )
+    threads = torch.get_num_threads()
+    try:
+        return train(apply_overrides(TrainConfig(), values), progress=False)
+    finally:
+        torch.set_num_threads(threads)
