@@ -47,7 +47,7 @@ def test_defaults_are_the_papers():
     assert c.optim.ema_warmup is True
     assert c.data.samples_per_volume == 20000
     assert c.data.views == ("axial", "coronal", "sagittal")
-    assert c.data.normalization == "percentile" and c.data.mask_weighting is False
+    assert c.data.normalization == "tissue" and c.data.mask_weighting is False
     assert c.data.mask_weight_outside == 0.01
     # departures are off by default
     assert c.optim.lr_final is None and c.optim.high_t_share == 0.0 and c.optim.grad_clip is None
