@@ -5,5 +5,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$root/scripts/env.sh"
 cd "$root"
-ruff check src tests
+ruff check src tests benchmarks
 python -m pytest -q "$@"

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 import traceback
+from typing import NoReturn
 
 from yoda import __version__
 from yoda.errors import YodaError
@@ -14,9 +15,16 @@ from yoda.errors import YodaError
 COMMANDS = ("phantom", "check_data", "train", "translate", "evaluate", "demo", "bench", "convert")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit code 2), like YodaError's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="yoda",
         description="Medical image translation by 2.5D diffusion, sampled as one-step regression.",
     )
@@ -36,12 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (library messages may span several)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     args.debug = debug
     if getattr(args, "func", None) is None:
         parser.print_help()
@@ -51,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except YodaError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"yoda {args.command}: error: {exc}", file=sys.stderr)
+        print(f"yoda {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"yoda {args.command}: interrupted", file=sys.stderr)
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"yoda {args.command}: internal error: {type(exc).__name__}: {exc} "
+            f"yoda {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
             "(run with --debug for the traceback)",
             file=sys.stderr,
         )

@@ -19,6 +19,7 @@ import contextlib
 import os
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ OUTPUT_DTYPES = ("float32", "uint8")
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _MGH_SUFFIXES = (".mgz", ".mgh")
+_DEFLATE_MAX_RATIO = 1032
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
 
 # Header fields that define the NIfTI voxel-to-world mapping, plus units and description.
@@ -167,12 +169,24 @@ def load_image(src: Any, *, name: str = "image") -> tuple[np.ndarray, Geometry]:
         header = img.header.copy()
         if img.affine is None:
             raise InputError(f"{label}: the image has no affine (voxel-to-world mapping)")
+        dtype = img.get_data_dtype()
+        if dtype.fields is not None or dtype.kind not in "biuf":
+            raise InputError(
+                f"{label}: voxels of type {dtype} (e.g. RGB or complex) are not a real-valued "
+                "scalar image"
+            )
         try:
             affine = np.asarray(img.affine, dtype=np.float64)
-            data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+            # scaling that overflows float32 gives Inf, refused below with a clear message
+            with _quiet_nibabel(), np.errstate(over="ignore", invalid="ignore"):
+                data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
         except _READ_ERRORS as err:
             raise InputError(
                 f"{label}: cannot read the image data (damaged or truncated file?): {err}"
+            ) from None
+        except MemoryError:
+            raise InputError(
+                f"{label}: the image (shape {tuple(img.shape)}) is too large to load into memory"
             ) from None
     _check_affine(affine, label)
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
@@ -190,12 +204,50 @@ def _open_path(path: Path, name: str) -> SpatialImage:
     if path.is_dir():
         raise InputError(f"{name} ({path}): is a directory, expected an image file")
     try:
-        img = nib.load(str(path))
+        with _quiet_nibabel():
+            img = nib.load(str(path))
     except _READ_ERRORS as err:
         raise InputError(f"{name} ({path}): not a readable NIfTI/MGZ image: {err}") from None
     if not isinstance(img, SpatialImage):
         raise InputError(f"{name} ({path}): not a volume image ({type(img).__name__})")
+    _check_data_size(img, path, name)
     return img
+
+
+def _check_data_size(img: SpatialImage, path: Path, name: str) -> None:
+    """Refuse a header that declares more data than the file can hold (before allocating it)."""
+    shape = tuple(int(s) for s in img.shape)
+    if any(s < 0 for s in shape):
+        return  # refused with a clearer message by _spatial_shape
+    needed = int(np.prod(shape, dtype=object)) * img.get_data_dtype().itemsize
+    holder = getattr(img, "file_map", {}).get("image")
+    data_file = Path(holder.filename) if holder is not None and holder.filename else path
+    if not data_file.is_file():
+        return  # nibabel reports it when reading
+    size = data_file.stat().st_size
+    with open(data_file, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    # deflate compresses at most 1032:1, so a gzip file of `size` bytes holds at most this much
+    capacity = size * _DEFLATE_MAX_RATIO + 1024 if gzipped else size
+    if needed > capacity:
+        raise InputError(
+            f"{name} ({path}): the header declares shape {shape} of "
+            f"{img.get_data_dtype()} ({needed} bytes), more than the {size}-byte file "
+            f"{data_file.name} can hold "
+            "(damaged or truncated file?)"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Keep nibabel's header-fixing messages ("setting 0 dims to 1", ...) off stderr."""
+    logger = nib.imageglobals.logger
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def _from_pair(src: Any, name: str) -> tuple[np.ndarray, np.ndarray]:

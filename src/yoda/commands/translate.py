@@ -1,0 +1,198 @@
+"""`yoda translate`: source scans in, the target contrast out, in the first source's grid."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from yoda.errors import ConfigError, InputError
+
+MODES = ("regression", "diffusion", "expa")
+CORRECTIONS = ("none", "gamma", "linear", "simple")
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+
+
+def _steps(text: str) -> str | int:
+    if text in ("truncated", "full"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--steps must be 'truncated', 'full' or a number of steps; got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--steps must be >= 1; got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``translate`` subcommand."""
+    p = subparsers.add_parser(
+        "translate",
+        allow_abbrev=False,
+        help="translate source scans into the target contrast",
+        description=(
+            "Translate one subject (one flag per source named in the model card, e.g. "
+            "--t1w a.nii.gz --t2w b.nii.gz --out flair.nii.gz) or a whole manifest "
+            "(--data MANIFEST --out-dir DIR). Unknown --<name> PATH pairs name sources."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model directory (model.json + weights)")
+    p.add_argument("--out", help="output NIfTI (one subject)")
+    p.add_argument("--data", help="manifest (CSV/JSON) for batch mode")
+    p.add_argument("--split", default="test", help="manifest split in batch mode (default: test)")
+    p.add_argument("--out-dir", help="output folder in batch mode")
+    p.add_argument("--mode", choices=MODES, default="regression", help="sampling mode")
+    p.add_argument("--n-ex", type=int, default=4, help="ExpA samples (default 4)")
+    p.add_argument(
+        "--views",
+        choices=("axial", "coronal", "sagittal", "all"),
+        default="all",
+        help="regression: views averaged (default all); diffusion/ExpA: all = orthogonal",
+    )
+    p.add_argument(
+        "--steps",
+        type=_steps,
+        default=None,
+        help="diffusion timesteps: truncated (default, 251 at T=1000), full, or a number",
+    )
+    p.add_argument("--slice-correction", choices=CORRECTIONS, default="none")
+    p.add_argument("--mask", help="brain mask (default: automatic foreground mask)")
+    p.add_argument(
+        "--resample", action="store_true", help="resample inputs onto the first source's grid"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=("float32", "uint8"), default="float32")
+    p.add_argument(
+        "--save-samples",
+        action="store_true",
+        help="ExpA: also write each sample and the per-voxel std",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def _source_flags(extra: list[str]) -> dict[str, str]:
+    sources: dict[str, str] = {}
+    it = iter(extra)
+    for token in it:
+        if not token.startswith("--") or len(token) < 3:
+            raise ConfigError(f"unexpected argument {token!r}")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            value = next(it, None)
+            if value is None or value.startswith("--"):
+                raise ConfigError(f"--{name} needs a file path")
+        sources[name.replace("-", "_").lower()] = value
+    return sources
+
+
+def _check_output(out: Path, *, force: bool) -> None:
+    """Refuse an output that cannot be written before any work is done."""
+    if not out.name.endswith(OUTPUT_SUFFIXES) or out.name in OUTPUT_SUFFIXES:
+        raise InputError(f"output {out} must end in {', '.join(OUTPUT_SUFFIXES)}")
+    if out.is_dir():
+        raise InputError(f"output {out} is a directory, expected a file name")
+    if out.exists() and not force:
+        raise InputError(f"{out} exists; pass --force to overwrite it")
+    folder = out.parent
+    if not folder.exists():
+        raise InputError(f"output folder {folder} does not exist")
+    if not folder.is_dir():
+        raise InputError(f"output folder {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {folder} is not writable")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``yoda translate``."""
+    sources = _source_flags(getattr(args, "extra", []))
+    if args.n_ex < 1:
+        raise ConfigError(f"--n-ex must be >= 1; got {args.n_ex}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
+    batch = args.data is not None
+    if batch:
+        if args.out_dir is None or args.out is not None or sources:
+            raise ConfigError("batch mode takes --data and --out-dir (no --out, no source flags)")
+    else:
+        if args.out is None:
+            raise ConfigError("give --out (one subject) or --data with --out-dir (batch mode)")
+        _check_output(Path(args.out), force=args.force)
+
+    from yoda.translate import Translator
+
+    translator = Translator.load(
+        args.model, device=args.device, precision=args.precision, batch_size=args.batch_size
+    )
+    options = dict(
+        mode=args.mode,
+        n_ex=args.n_ex,
+        views=args.views,
+        steps=args.steps,
+        slice_correction=args.slice_correction,
+        resample=args.resample,
+    )
+    if batch:
+        return _run_batch(args, translator, options)
+    return _run_one(args, translator, options, sources)
+
+
+def _run_one(args, translator, options, sources) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc=f"translate ({args.mode})", unit="NFE", disable=args.no_progress)
+
+    def progress(k: int, n: int) -> None:
+        bar.total = n
+        bar.n = k
+        bar.refresh()
+
+    try:
+        res = translator.translate(
+            sources,
+            mask=args.mask,
+            seed=args.seed,
+            keep_samples=args.save_samples,
+            progress=progress,
+            **options,
+        )
+    finally:
+        bar.close()
+    path = res.save(args.out, dtype=args.dtype, overwrite=args.force, extras=args.save_samples)
+    info = res.info
+    print(f"wrote {path} ({info['mode']}, NFE {info['nfe']}, {info['seconds']:.1f} s)")
+    return 0
+
+
+def _run_batch(args, translator, options) -> int:
+    from yoda.batch import translate_cohort
+    from yoda.data.manifest import read_manifest
+
+    manifest = read_manifest(args.data)
+    result = translate_cohort(
+        translator,
+        manifest,
+        split=args.split,
+        out_dir=args.out_dir,
+        options=options,
+        seed=args.seed,
+        force=args.force,
+        dtype=args.dtype,
+        extras=args.save_samples,
+        progress=not args.no_progress,
+    )
+    print(
+        f"translated {len(result.done)}, skipped {len(result.skipped)} already done, "
+        f"{len(result.busy)} busy in another run, {len(result.failed)} failed -> {args.out_dir}"
+    )
+    for sid, reason in result.failed.items():
+        print(f"  failed {sid}: {reason}", file=sys.stderr)
+    return 1 if result.failed else 0

@@ -1,0 +1,299 @@
+"""Translation of one subject with the tiny trained model: grids, modes, seeds, outputs, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+from scipy import ndimage
+
+from yoda import __version__
+from yoda.cli import main
+from yoda.data import io
+from yoda.diffusion import sampling
+from yoda.translate import Translator
+from yoda.volume.views import VIEWS
+
+ROLES = ("t1w", "t2w", "flair", "mask")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def subject(phantom_cohort: Path) -> dict[str, Path]:
+    """Files of the phantom's test subject (RAS, 4 mm)."""
+    folder = phantom_cohort.parent / "sub-004"
+    return {role: folder / f"{role}.nii.gz" for role in ROLES}
+
+
+@pytest.fixture(scope="module")
+def sources(subject) -> dict[str, Path]:
+    return {"t1w": subject["t1w"], "t2w": subject["t2w"]}
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_model: Path) -> Translator:
+    return Translator.load(tiny_model, device="cpu")
+
+
+def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
+    """Rodrigues rotation matrix about ``axis``."""
+    k = axis / np.linalg.norm(axis)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    a = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(a) * cross + (1 - np.cos(a)) * cross @ cross
+
+
+def write_grid(subject: dict[str, Path], folder: Path, kind: str) -> dict[str, Path]:
+    """The subject's files stored in another voxel order and/or an oblique grid.
+
+    "RAS": unchanged. "LIA": voxel axes flipped and permuted (the affine follows, so the
+    anatomy in world space is the same). "oblique": PSR voxel order and the whole scene turned
+    by 25 degrees about an oblique axis (every file identically, so they stay co-registered).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for role, path in subject.items():
+        img = nib.load(path)
+        if kind != "RAS":
+            codes = "LIA" if kind == "LIA" else "PSR"
+            img = img.as_reoriented(ornt_transform(io_orientation(img.affine), axcodes2ornt(codes)))
+        affine = img.affine.copy()
+        if kind == "oblique":
+            turn = np.eye(4)
+            turn[:3, :3] = _rotation(np.array([1.0, 2.0, 0.5]), 25.0)
+            affine = turn @ affine
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        out[role] = folder / f"{role}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), out[role])
+    return out
+
+
+def _smooth_corr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Correlation inside ``mask`` after a 1-voxel Gaussian (the reference FLAIR is noisy)."""
+    sa, sb = ndimage.gaussian_filter(a, 1.0), ndimage.gaussian_filter(b, 1.0)
+    return float(np.corrcoef(sa[mask], sb[mask])[0, 1])
+
+
+def _cli(model: Path, files: dict[str, Path], out: Path, *extra: str) -> int:
+    args = ["translate", "--model", str(model), "--t1w", str(files["t1w"])]
+    args += ["--t2w", str(files["t2w"]), "--out", str(out), "--no-progress", "--device", "cpu"]
+    return main([*args, *extra])
+
+
+# ------------------------------------------------------------------------------------------
+# grids: the output has the first source's exact grid, and the content is in the right place
+
+
+@pytest.fixture(scope="module")
+def ras_result(translator, sources):
+    return translator.translate(sources, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["RAS", "LIA", "oblique"])
+def test_output_keeps_grid_and_places_content(
+    kind, tiny_model, subject, ras_result, tmp_path, capsys
+):
+    files = write_grid(subject, tmp_path / "in", kind)
+    src = nib.load(files["t1w"])
+    expected_codes = {"RAS": ("R", "A", "S"), "LIA": ("L", "I", "A"), "oblique": ("P", "S", "R")}
+    assert nib.aff2axcodes(src.affine) == expected_codes[kind]
+    if kind == "oblique":
+        assert np.count_nonzero(np.abs(src.affine[:3, :3]) > 1e-6) == 9  # truly oblique
+
+    out = tmp_path / "flair.nii.gz"
+    assert _cli(tiny_model, files, out) == 0, capsys.readouterr().err
+    img = nib.load(out)
+    assert img.shape == src.shape
+    np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
+
+    # in canonical order the result is the RAS subject's (the same anatomy)
+    canonical, _ = io.load_image(out)
+    np.testing.assert_allclose(canonical, ras_result.image, atol=1e-4)
+
+    # in the file's own voxel order the output lies on the reference FLAIR, not beside it
+    pred = img.get_fdata()
+    ref = nib.load(files["flair"]).get_fdata()
+    brain = nib.load(files["mask"]).get_fdata() > 0
+    right = _smooth_corr(pred, ref, brain)
+    lr_axis = [c in "LR" for c in nib.aff2axcodes(src.affine)].index(True)
+    wrong = {"flipped left-right": _smooth_corr(pred, np.flip(ref, lr_axis), brain)}
+    for axis in range(3):
+        for shift in (-4, 4):
+            wrong[f"shifted {shift} along {axis}"] = _smooth_corr(
+                pred, np.roll(ref, shift, axis), brain
+            )
+    assert right > 0.75, right
+    for what, corr in wrong.items():
+        assert right > corr + 0.08, (what, right, corr)
+
+
+# ------------------------------------------------------------------------------------------
+# modes and NFE
+
+
+@pytest.mark.parametrize(
+    ("mode", "options", "nfe"),
+    [
+        ("regression", {"views": "all"}, 3),
+        ("regression", {"views": "axial"}, 1),
+        ("diffusion", {"steps": 3}, 3),
+        ("expa", {"n_ex": 2, "steps": 3}, 6),
+    ],
+    ids=["regression-all", "regression-axial", "diffusion-3", "expa-2x3"],
+)
+def test_every_mode_runs_and_counts_nfe(translator, sources, mode, options, nfe):
+    calls = []
+    res = translator.translate(
+        sources, mode=mode, seed=1, progress=lambda k, n: calls.append((k, n)), **options
+    )
+    assert res.info["nfe"] == nfe and res.info["mode"] == mode
+    shape = nib.load(sources["t1w"]).shape
+    assert res.image.shape == shape and np.isfinite(res.image).all()
+    assert res.image.min() >= 0 and res.image.max() <= 255 and res.image.max() > 50
+    steps = nfe if mode != "expa" else nfe // options["n_ex"]
+    assert calls == [(k, steps) for k in range(1, steps + 1)]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_truncated_diffusion_plans_251_steps_at_T1000(translator, sources):
+    assert translator.card.T == 1000
+    assert len(sampling.timesteps_for(1000)) == 251
+    seen = []
+
+    def progress(k, n):
+        seen.append((k, n))
+        raise _Stop  # stop after the first network evaluation
+
+    with pytest.raises(_Stop):
+        translator.translate(sources, mode="diffusion", progress=progress)
+    assert seen == [(1, 251)]
+
+
+def test_regression_of_all_views_is_the_mean_of_single_views(translator, sources):
+    both = translator.translate(sources, views="all", seed=3).image
+    singles = [translator.translate(sources, views=v, seed=3).image for v in VIEWS]
+    np.testing.assert_allclose(both, np.mean(singles, axis=0), atol=2e-3)
+    assert np.abs(singles[0] - singles[1]).max() > 1.0  # the views do differ
+
+
+def test_expa_with_one_sample_is_diffusion(translator, sources):
+    one = translator.translate(sources, mode="expa", n_ex=1, steps=3, seed=11)
+    ref = translator.translate(sources, mode="diffusion", steps=3, seed=11)
+    np.testing.assert_array_equal(one.image, ref.image)
+    assert one.info["nfe"] == ref.info["nfe"] == 3
+
+
+def test_seed_reproduces_and_another_seed_changes_diffusion(translator, sources):
+    a = translator.translate(sources, mode="diffusion", steps=2, seed=5).image
+    b = translator.translate(sources, mode="diffusion", steps=2, seed=5).image
+    c = translator.translate(sources, mode="diffusion", steps=2, seed=6).image
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# output files
+
+
+def test_sidecar_samples_and_std(tiny_model, sources, tmp_path, capsys):
+    out = tmp_path / "flair.nii.gz"
+    code = _cli(
+        tiny_model, sources, out, "--mode", "expa", "--n-ex", "2", "--steps", "2",
+        "--seed", "7", "--save-samples",
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((tmp_path / "flair.json").read_text())
+    assert info["model"] == str(tiny_model) and info["mode"] == "expa"
+    assert info["nfe"] == 4 and info["seed"] == 7 and info["n_ex"] == 2
+    assert info["yoda_version"] == __version__ and info["seconds"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "flair.json",
+        "flair.nii.gz",
+        "flair_sample-1.nii.gz",
+        "flair_sample-2.nii.gz",
+        "flair_std.nii.gz",
+    ]
+    samples = np.stack(
+        [nib.load(tmp_path / f"flair_sample-{k}.nii.gz").get_fdata() for k in (1, 2)]
+    )
+    image = nib.load(out).get_fdata()
+    std = nib.load(tmp_path / "flair_std.nii.gz").get_fdata()
+    assert np.abs(samples[0] - samples[1]).max() > 1.0  # two different trajectories
+    # Eq. 9 on the 0-255 scale: the image is the RMS of the samples
+    np.testing.assert_allclose(image, np.sqrt((samples**2).mean(axis=0)), atol=2e-3)
+    np.testing.assert_allclose(std, samples.std(axis=0), atol=1e-3)
+    assert "NFE 4" in capsys.readouterr().out
+
+
+def test_uint8_output(tiny_model, sources, translator, tmp_path, capsys):
+    out = tmp_path / "flair.nii.gz"
+    assert _cli(tiny_model, sources, out, "--dtype", "uint8", "--views", "axial") == 0
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.uint8
+    ref = translator.translate(sources, views="axial", seed=0).image
+    np.testing.assert_array_equal(np.asarray(img.dataobj), np.clip(np.rint(ref), 0, 255))
+    assert not (tmp_path / "flair_std.nii.gz").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# command-line errors: one line, non-zero exit, no output
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("yoda translate: error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--t1w", "{t1w}", "--pd", "{t2w}"], "missing --t2w; unexpected --pd"),
+        (["--t1w", "{t1w}"], "missing --t2w"),
+        (["--t1w", "{t1w}", "--t2w"], "--t2w needs a file path"),
+        (["--t1w", "{t1w}", "--t2w", "{t2w}", "stray"], "unexpected argument 'stray'"),
+        (["--t1w", "{t1w}", "--t2w", "{shifted}"], "not on the same voxel grid"),
+    ],
+    ids=["wrong-flag", "missing-flag", "flag-without-path", "stray-token", "other-grid"],
+)
+def test_cli_source_errors(tiny_model, sources, tmp_path, capsys, flags, message):
+    img = nib.load(sources["t2w"])
+    shifted_affine = img.affine.copy()
+    shifted_affine[0, 3] += 2.0  # half a voxel: same shape, another grid
+    shifted = tmp_path / "t2w_shifted.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted_affine), shifted)
+    names = {"t1w": sources["t1w"], "t2w": sources["t2w"], "shifted": shifted}
+    out = tmp_path / "out" / "flair.nii.gz"
+    out.parent.mkdir()
+    args = ["translate", "--model", str(tiny_model), "--out", str(out), "--no-progress"]
+    code = main(args + [f.format(**names) for f in flags])
+    assert code == 1
+    assert message in _one_line_error(capsys)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_cli_existing_output_needs_force(tiny_model, sources, tmp_path, capsys):
+    out = tmp_path / "flair.nii.gz"
+    out.write_bytes(b"previous result")
+    assert _cli(tiny_model, sources, out, "--views", "axial") == 1
+    assert "pass --force" in _one_line_error(capsys)
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flair.nii.gz"]
+    assert _cli(tiny_model, sources, out, "--views", "axial", "--force") == 0
+    assert nib.load(out).shape == nib.load(sources["t1w"]).shape
