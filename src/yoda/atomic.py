@@ -18,13 +18,21 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the body succeeds, move it onto ``path``.
 
     The temporary file keeps the target's suffix so that writers choosing the format by the
-    file name (nibabel, safetensors) behave as for the real name. If the body raises, the
-    temporary file is removed and ``path`` is left untouched.
+    file name (nibabel, numpy, safetensors) behave as for the real name. Its data are flushed
+    to disk (``fsync``) before the rename, so that a crash leaves the old file or the new one,
+    never a torn one. If the body raises, the temporary file is removed and ``path`` is left
+    untouched.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(
@@ -32,8 +40,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     )
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     try:
         yield tmp_path
+        if fsync:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -42,8 +54,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically; return the path."""
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating its folder; return the path."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -14,13 +14,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yoda.atomic import write_text_atomic
 from yoda.errors import ConfigError
 
 #: The slicing views (same order as ``yoda.volume.views.VIEWS``).
@@ -333,24 +333,8 @@ def config_yaml(config: TrainConfig) -> str:
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the config as YAML, atomically."""
     path = Path(path)
-    atomic_write_text(path, config_yaml(config))
+    write_text_atomic(path, config_yaml(config))
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from nibabel.spatialimages import HeaderDataError, SpatialImage
 from scipy import ndimage
 
+from yoda.atomic import atomic_path
 from yoda.errors import ConfigError, GridMismatchError, InputError
 
 __all__ = [
@@ -357,18 +357,12 @@ def save_image(
         raise InputError(f"{path}: cannot create the output folder {folder}: {err}") from None
     if not os.access(folder, os.W_OK):
         raise InputError(f"{path}: the folder {folder} is not writable")
-    base = path.name[: -len(suffix)]
-    tmp = folder / f".{base}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
     try:
-        nib.save(img, str(tmp))
-        written = nib.load(str(tmp))
-        _verify_grid(written, geometry, path)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            nib.save(img, str(tmp))
+            _verify_grid(nib.load(str(tmp)), geometry, path)
     except OSError as err:
         raise InputError(f"{path}: cannot write the image: {err}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -17,13 +17,13 @@ import io as _io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from yoda.atomic import write_text_atomic
 from yoda.errors import ConfigError, GridMismatchError, InputError
 
 #: Layouts understood by :func:`load_manifest`.
@@ -403,19 +403,6 @@ def _relative(p: Path, root: Path) -> str:
         return str(Path(p).absolute())
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     """Write a manifest as CSV or JSON (by suffix), atomically.
 
@@ -438,7 +425,7 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
                 }
             )
         text = json.dumps({"format": "yoda-manifest", "version": 1, "subjects": items}, indent=1)
-        _atomic_write_text(path, text + "\n")
+        write_text_atomic(path, text + "\n")
         return path
     if path.suffix.lower() != ".csv":
         raise InputError(f"manifest {path}: unknown format {path.suffix!r} (use .csv or .json)")
@@ -457,7 +444,7 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
         row += [_relative(s.labels[k], root) if k in s.labels else "" for k in labels]
         row += [_relative(s.clean[k], root) if k in s.clean else "" for k in clean]
         writer.writerow(row)
-    _atomic_write_text(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
     return path
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from yoda.atomic import write_text_atomic
 from yoda.errors import ConfigError
 
 __all__ = [
@@ -730,15 +730,7 @@ def _save_subject(subject: PhantomSubject, folder: Path, overwrite: bool) -> dic
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def _check_seed(seed) -> int:

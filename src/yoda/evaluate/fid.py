@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from yoda.atomic import atomic_path
 from yoda.errors import ConfigError, InputError, ModelError
 
 __all__ = [
@@ -290,19 +290,13 @@ class ResNet50Features(torch.nn.Module):
             raise ConfigError(f"cannot save weights as {out}: use a .safetensors or .pt file name")
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(out) as tmp:
             if suffix == _SAFETENSORS_SUFFIX:
                 from safetensors.torch import save_file
 
-                save_file(state, tmp)
+                save_file(state, str(tmp))
             else:
                 torch.save(state, tmp)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from yoda import __version__
+from yoda.atomic import atomic_path, write_text_atomic
 from yoda.errors import ConfigError, ModelError
 from yoda.model.network import Denoiser2p5D, NetworkConfig
 
@@ -218,21 +218,6 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(
     directory: str | os.PathLike,
     model: nn.Module,
@@ -262,14 +247,11 @@ def save_model(
     raw = _cpu_state(model)
     ema = _cpu_state(ema_model) if ema_model is not None else raw
     meta = {"format": "pt", "yoda_format_version": str(FORMAT_VERSION)}
-    _atomic_write(directory / RAW_FILE, lambda p: save_file(raw, p, metadata=meta))
-    _atomic_write(directory / MODEL_FILE, lambda p: save_file(ema, p, metadata=meta))
-    text = json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n"
-
-    def write_card(p: str) -> None:
-        Path(p).write_text(text)
-
-    _atomic_write(directory / CARD_FILE, write_card)
+    with atomic_path(directory / RAW_FILE) as tmp:
+        save_file(raw, str(tmp), metadata=meta)
+    with atomic_path(directory / MODEL_FILE) as tmp:
+        save_file(ema, str(tmp), metadata=meta)
+    write_text_atomic(directory / CARD_FILE, json.dumps(card.to_dict(), indent=2) + "\n")
     return directory
 
 
