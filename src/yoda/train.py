@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from yoda import __version__
+from yoda.atomic import write_text_atomic
 from yoda.config import (
     TrainConfig,
-    atomic_write_text,
     config_diff,
     config_from_dict,
     config_hash,
@@ -585,7 +585,7 @@ class _Trainer:
                 for state in rank_states:
                     _save_file(state, tmp / f"rank-{state['rank']}.pt")
                 _save_file(self._checkpoint_state(), tmp / "state.pt")
-                atomic_write_text(
+                write_text_atomic(
                     tmp / _COMPLETE,
                     json.dumps({"step": self.step, "world_size": self.dist.world_size}),
                 )
@@ -763,7 +763,7 @@ class _Trainer:
                 continue  # a line cut by a kill
             if isinstance(entry, dict) and int(entry.get("step", 0)) <= step:
                 kept.append(line)
-        atomic_write_text(path, "".join(k + "\n" for k in kept))
+        write_text_atomic(path, "".join(k + "\n" for k in kept))
 
     def _open_tensorboard(self) -> None:
         if not (self.is_main and self.config.run.tensorboard):

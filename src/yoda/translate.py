@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,13 @@ from yoda import __version__
 from yoda.atomic import write_text_atomic
 from yoda.data import io
 from yoda.data.normalize import (
-    apply_intensity,
     crop,
     fit_intensity,
-    foreground_mask,
     from_network,
     invert_intensity,
-    roi_bbox,
-    to_network,
     uncrop,
 )
+from yoda.data.subject import PreparedSubject, prepare_subject
 from yoda.device import autocast_dtype, resolve_device
 from yoda.diffusion import sampling
 from yoda.diffusion.schedule import make_schedule
@@ -119,26 +116,15 @@ def _split_suffix(path: Path) -> tuple[str, str]:
     raise InputError(f"output {path} must end in .nii.gz, .nii or .mgz")
 
 
-@dataclass
-class Prepared:
-    """Sources of one subject on the network scale, cropped to the ROI."""
-
-    cond: np.ndarray  # (S, x, y, z) network scale, ROI-cropped
-    bbox: tuple[slice, slice, slice]
-    mask: np.ndarray  # bool, full canonical grid
-    geometry: io.Geometry
-    intensities: dict[str, Any] = field(default_factory=dict)
-
-
 def prepare_sources(
     sources: Mapping[str, Any],
     order: Sequence[str],
     *,
-    normalization: str,
+    normalization: str | Mapping[str, Any],
     mask: Any = None,
     resample: bool = False,
-) -> Prepared:
-    """Load, check and normalize the sources of one subject (canonical order, ROI-cropped).
+) -> PreparedSubject:
+    """Load, check and normalize the sources of one subject, exactly as in training.
 
     Parameters
     ----------
@@ -146,8 +132,8 @@ def prepare_sources(
         Exactly the names in ``order``.
     order : sequence of str
         Source names in the model's channel order.
-    normalization : str
-        Intensity method of :mod:`yoda.data.normalize` ("percentile", "tissue" or "ct").
+    normalization : str or mapping
+        The model card's intensity normalization (see :mod:`yoda.data.subject`).
     mask : path, image or (array, affine), optional
         Brain mask; default: an automatic foreground mask of the first source.
     resample : bool
@@ -164,45 +150,8 @@ def prepare_sources(
         if extra:
             parts.append("unexpected " + ", ".join(f"--{n}" for n in extra))
         raise InputError(f"the model translates from {', '.join(wanted)}: " + "; ".join(parts))
-    arrays, geoms = {}, {}
-    for name in wanted:
-        arrays[name], geoms[name] = io.load_image(sources[name], name=name)
-        low, high = float(arrays[name].min()), float(arrays[name].max())
-        if not high > low:
-            raise InputError(
-                f"{name} ({geoms[name].label}): the image is constant (every voxel is {low:.4g}); "
-                "there is nothing to translate"
-            )
-    if mask is not None:
-        arrays["mask"], geoms["mask"] = io.load_image(mask, name="mask")
-    first = geoms[wanted[0]]
-    try:
-        io.check_same_grid(geoms)
-    except InputError:
-        if not resample:
-            raise
-        for name, geom in geoms.items():
-            if name != wanted[0]:
-                order_ = 0 if name == "mask" else 1
-                arrays[name] = io.resample_like(arrays[name], geom, first, order=order_)
-    if mask is None:
-        brain = foreground_mask(arrays[wanted[0]], name=wanted[0])
-    else:
-        brain = arrays["mask"] > 0.5
-        if not brain.any():
-            raise InputError(f"mask ({geoms['mask'].label}): the mask is empty (no voxel > 0.5)")
-    bbox = roi_bbox(brain)
-    cond, intensities = [], {}
-    for name in wanted:
-        inten = fit_intensity(arrays[name], brain, method=normalization, name=name)
-        intensities[name] = inten.to_dict()
-        cond.append(to_network(apply_intensity(crop(arrays[name], bbox), inten)))
-    return Prepared(
-        cond=np.stack(cond).astype(np.float32),
-        bbox=bbox,
-        mask=brain,
-        geometry=first,
-        intensities=intensities,
+    return prepare_subject(
+        sources, wanted, normalization=normalization, mask=mask, resample=resample
     )
 
 
@@ -346,11 +295,11 @@ class Translator:
         prep = prepare_sources(
             sources,
             self.card.sources,
-            normalization=self.card.normalization["method"],
+            normalization=self.card.normalization,
             mask=mask,
             resample=resample,
         )
-        cond = torch.from_numpy(prep.cond).to(self.device)
+        cond = torch.from_numpy(prep.data).to(self.device)
         denoiser = VolumeDenoiser(
             self.network,
             self.schedule,
@@ -363,7 +312,7 @@ class Translator:
             cache_cond=self.cache_cond,
         )
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        shape = tuple(prep.cond.shape[1:])
+        shape = tuple(prep.data.shape[1:])
         n_total = self._nfe_plan(mode, view_names, n_ex, steps)
 
         def callback(k: int, _t: int, _x0: torch.Tensor) -> None:
@@ -451,7 +400,7 @@ class Translator:
             return len(views)
         return len(sampling.timesteps_for(self.schedule.T, steps))
 
-    def _to_output(self, image: torch.Tensor, prep: Prepared, correction: str) -> np.ndarray:
+    def _to_output(self, image: torch.Tensor, prep: PreparedSubject, correction: str) -> np.ndarray:
         x255 = from_network(image.float().clamp(-1.0, 1.0)).cpu().numpy()
         if correction != "none":
             roi_mask = crop(prep.mask, prep.bbox)

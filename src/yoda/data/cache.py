@@ -32,6 +32,8 @@ import numpy as np
 
 from yoda.atomic import atomic_path, write_text_atomic
 from yoda.data.manifest import Manifest, Subject
+from yoda.data.normalize import crop
+from yoda.data.subject import prepare_subject, resolve_normalization
 from yoda.errors import ConfigError, InputError
 
 #: Format version of the cache (part of every key).
@@ -41,49 +43,6 @@ DEFAULT_MARGINS = (20, 10, 5)
 
 
 # ---------------------------------------------------------------------------- normalization
-
-
-def resolve_normalization(
-    normalization: str | Mapping[str, Any], names: Sequence[str]
-) -> dict[str, dict[str, Any]]:
-    """Per-modality keyword arguments of :func:`yoda.data.normalize.fit_intensity`.
-
-    Parameters
-    ----------
-    normalization : str or mapping
-        A method name ("percentile", "tissue", "ct"), or a mapping with "method", optional
-        "percentile" and optional "modalities" (modality -> method overriding the default).
-        A modality named "ct" uses the "ct" window unless overridden.
-    names : sequence of str
-        Modality names to resolve.
-
-    Returns
-    -------
-    dict
-        ``{name: {"method": ..., ["percentile": ...]}}``.
-    """
-    from yoda.data.normalize import NORMALIZATIONS
-
-    cfg = {"method": normalization} if isinstance(normalization, str) else dict(normalization)
-    unknown = set(cfg) - {"method", "percentile", "modalities"}
-    if unknown or "method" not in cfg:
-        raise ConfigError(
-            f"normalization {normalization!r}: expected a method name or a mapping with "
-            "'method' and optional 'percentile', 'modalities'"
-        )
-    overrides = dict(cfg.get("modalities") or {})
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        method = overrides.get(name, "ct" if name == "ct" else cfg["method"])
-        if method not in NORMALIZATIONS:
-            raise ConfigError(
-                f"normalization {method!r} (for {name}) is not one of {', '.join(NORMALIZATIONS)}"
-            )
-        kw: dict[str, Any] = {"method": method}
-        if method == "percentile":
-            kw["percentile"] = float(cfg.get("percentile", 99.9))
-        out[name] = kw
-    return out
 
 
 def _check_names(sources: Sequence[str], target: str) -> tuple[list[str], str]:
@@ -146,52 +105,27 @@ def load_subject_arrays(
         A modality is missing, a file cannot be read, the images are not co-registered, or the
         mask is empty.
     """
-    from yoda.data.io import check_same_grid, load_image
-    from yoda.data.normalize import (
-        apply_intensity,
-        crop,
-        fit_intensity,
-        foreground_mask,
-        roi_bbox,
-        to_network,
-    )
-
     sources, target = _check_names(sources, target)
     names = [target, *sources]
     missing = [m for m in names if m not in subject.images]
     if missing:
         raise InputError(f"subject {subject.id}: missing modality {', '.join(missing)}")
-    norm = resolve_normalization(normalization, names)
-    vols: dict[str, np.ndarray] = {}
-    geoms = {}
-    for name in [*sources, target]:
-        vols[name], geoms[name] = load_image(subject.images[name], name=f"{subject.id} {name}")
-    if subject.mask is not None:
-        mask_arr, geoms["mask"] = load_image(subject.mask, name=f"{subject.id} mask")
-        mask = mask_arr > 0
-        mask_source = "mask"
-    else:
-        mask = foreground_mask(vols[sources[0]], name=f"{subject.id} {sources[0]}")
-        mask_source = f"foreground:{sources[0]}"
-    check_same_grid(geoms)
-    if not mask.any():
-        raise InputError(f"subject {subject.id}: the mask is empty ({subject.mask or mask_source})")
-    bbox = roi_bbox(mask, tuple(int(m) for m in margins), name=f"{subject.id} mask")
-    cropped_shape = tuple(b.stop - b.start for b in bbox)
-    data = np.empty((len(names) + 1, *cropped_shape), dtype=np.float32)
-    intensities = {}
-    for c, name in enumerate(names):
-        it = fit_intensity(vols[name], mask, name=f"{subject.id} {name}", **norm[name])
-        intensities[name] = it
-        data[c] = to_network(apply_intensity(crop(vols[name], bbox), it))
-    data[-1] = crop(mask, bbox)
+    prep = prepare_subject(
+        subject.images,
+        names,
+        normalization=normalization,
+        reference=sources[0],
+        mask=subject.mask,
+        margins=margins,
+        label=subject.id,
+    )
     return SubjectArrays(
-        data=data,
-        bbox=bbox,
-        shape=tuple(int(s) for s in mask.shape),  # type: ignore[arg-type]
-        intensities=intensities,
-        geometry=geoms[sources[0]],
-        mask_source=mask_source,
+        data=np.concatenate([prep.data, crop(prep.mask, prep.bbox)[None].astype(np.float32)]),
+        bbox=prep.bbox,
+        shape=prep.shape,
+        intensities=prep.intensities,
+        geometry=prep.geometry,
+        mask_source=prep.mask_source,
     )
 
 

@@ -1,0 +1,191 @@
+"""One subject's images, as the network sees them: loaded, checked, normalized, ROI-cropped.
+
+Training (the cache) and translation prepare subjects with the same function, so a model
+always sees inputs scaled exactly as in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from yoda.data import io
+from yoda.data.normalize import (
+    NORMALIZATIONS,
+    ROI_MARGINS,
+    Intensity,
+    apply_intensity,
+    crop,
+    fit_intensity,
+    foreground_mask,
+    roi_bbox,
+    to_network,
+)
+from yoda.errors import ConfigError, InputError
+
+
+def resolve_normalization(
+    normalization: str | Mapping[str, Any], names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per-modality keyword arguments of :func:`yoda.data.normalize.fit_intensity`.
+
+    Parameters
+    ----------
+    normalization : str or mapping
+        A method name ("percentile", "tissue", "ct"), or a mapping with "method", optional
+        "percentile" and optional "modalities" (modality -> method overriding the default).
+        A modality named "ct" uses the "ct" window unless overridden.
+    names : sequence of str
+        Modality names to resolve.
+
+    Returns
+    -------
+    dict
+        ``{name: {"method": ..., ["percentile": ...]}}``.
+    """
+    cfg = {"method": normalization} if isinstance(normalization, str) else dict(normalization)
+    unknown = set(cfg) - {"method", "percentile", "modalities"}
+    if unknown or "method" not in cfg:
+        raise ConfigError(
+            f"normalization {normalization!r}: expected a method name or a mapping with "
+            "'method' and optional 'percentile', 'modalities'"
+        )
+    overrides = dict(cfg.get("modalities") or {})
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        method = overrides.get(name, "ct" if name == "ct" else cfg["method"])
+        if method not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalization {method!r} (for {name}) is not one of {', '.join(NORMALIZATIONS)}"
+            )
+        kw: dict[str, Any] = {"method": method}
+        if method == "percentile":
+            kw["percentile"] = float(cfg.get("percentile", 99.9))
+        out[name] = kw
+    return out
+
+
+@dataclass
+class PreparedSubject:
+    """Images of one subject on the network scale, cropped to the ROI.
+
+    Attributes
+    ----------
+    data : float32 array (C, x, y, z)
+        One channel per name, in the order asked for, on the network scale [-1, 1].
+    bbox : tuple of slice
+        ROI box within the full canonical volume.
+    mask : bool array
+        Brain (or automatic foreground) mask on the full canonical grid.
+    geometry : io.Geometry
+        Grid of the reference image (outputs are written into it).
+    intensities : dict
+        The fitted :class:`~yoda.data.normalize.Intensity` of each image.
+    mask_source : str
+        "mask" (given) or "foreground:<reference>" (automatic).
+    """
+
+    data: np.ndarray
+    bbox: tuple[slice, slice, slice]
+    mask: np.ndarray
+    geometry: io.Geometry
+    intensities: dict[str, Intensity]
+    mask_source: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Full canonical shape (before cropping)."""
+        return tuple(int(s) for s in self.mask.shape)  # type: ignore[return-value]
+
+
+def prepare_subject(
+    images: Mapping[str, Any],
+    names: Sequence[str],
+    *,
+    normalization: str | Mapping[str, Any],
+    reference: str | None = None,
+    mask: Any = None,
+    resample: bool = False,
+    margins: Sequence[int] = ROI_MARGINS,
+    label: str = "",
+) -> PreparedSubject:
+    """Load, check, normalize and ROI-crop the images ``names`` of one subject.
+
+    Parameters
+    ----------
+    images : mapping name -> path, nibabel image or (array, affine)
+    names : sequence of str
+        Images to prepare, in channel order.
+    normalization : str or mapping
+        See :func:`resolve_normalization`.
+    reference : str, optional
+        The image whose grid is kept and whose automatic foreground mask is used when no
+        ``mask`` is given (default: the first name).
+    mask : path, image or (array, affine), optional
+        Brain mask (voxels > 0.5 are inside).
+    resample : bool
+        Resample images (and mask) onto the reference grid instead of refusing other grids.
+    margins : (x, y, z) voxels
+        ROI margins around the mask's bounding box.
+    label : str
+        Prefix of error messages (e.g. the subject id).
+
+    Raises
+    ------
+    InputError
+        A file cannot be read, an image is constant, the grids differ (without ``resample``)
+        or the mask is empty.
+    """
+    names = list(names)
+    reference = reference or names[0]
+    prefix = f"{label} " if label else ""
+    norm = resolve_normalization(normalization, names)
+    arrays: dict[str, np.ndarray] = {}
+    geoms: dict[str, io.Geometry] = {}
+    for name in dict.fromkeys([reference, *names]):
+        arrays[name], geoms[name] = io.load_image(images[name], name=prefix + name)
+        low, high = float(arrays[name].min()), float(arrays[name].max())
+        if not high > low:
+            raise InputError(
+                f"{prefix}{name} ({geoms[name].label}): the image is constant (every voxel is "
+                f"{low:.4g}); there is nothing to translate"
+            )
+    if mask is not None:
+        arrays["mask"], geoms["mask"] = io.load_image(mask, name=prefix + "mask")
+    try:
+        io.check_same_grid(geoms)
+    except InputError:
+        if not resample:
+            raise
+        for name, geom in geoms.items():
+            if name != reference:
+                order = 0 if name == "mask" else 1
+                arrays[name] = io.resample_like(arrays[name], geom, geoms[reference], order=order)
+    if mask is None:
+        brain = foreground_mask(arrays[reference], name=prefix + reference)
+        mask_source = f"foreground:{reference}"
+    else:
+        brain = arrays["mask"] > 0.5
+        mask_source = "mask"
+        if not brain.any():
+            raise InputError(
+                f"{prefix}mask ({geoms['mask'].label}): the mask is empty (no voxel > 0.5)"
+            )
+    bbox = roi_bbox(brain, tuple(int(m) for m in margins), name=prefix + "mask")
+    data = np.empty((len(names), *(b.stop - b.start for b in bbox)), dtype=np.float32)
+    intensities = {}
+    for c, name in enumerate(names):
+        inten = fit_intensity(arrays[name], brain, name=prefix + name, **norm[name])
+        intensities[name] = inten
+        data[c] = to_network(apply_intensity(crop(arrays[name], bbox), inten))
+    return PreparedSubject(
+        data=data,
+        bbox=bbox,
+        mask=brain,
+        geometry=geoms[reference],
+        intensities=intensities,
+        mask_source=mask_source,
+    )
