@@ -23,7 +23,7 @@ def test_bundled_model_loads_and_documents_itself():
 def test_demo_methods_are_the_papers_modes():
     quick = methods_for(full=False)
     assert list(quick) == ["regression", "diffusion", "expa-4", "expa-10"]
-    assert quick["diffusion"]["steps"] == 10 and quick["expa-10"]["n_ex"] == 10
+    assert quick["diffusion"]["steps"] == 5 and quick["expa-10"]["n_ex"] == 10
     assert methods_for(full=True)["diffusion"]["steps"] == "truncated"
 
 

@@ -21,7 +21,7 @@ BUNDLED_MODEL = "phantom-flair"
 #: ExpA sample counts run by the demo.
 EXPA_SIZES = (4, 10)
 #: Diffusion timesteps of the demo's strided preview (``full=True``: the paper's 251).
-PREVIEW_STEPS = 10
+PREVIEW_STEPS = 5
 
 
 def bundled_model_dir() -> Path:

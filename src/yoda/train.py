@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.deterministic
 from torch import nn
 
 from yoda import __version__
@@ -358,8 +359,15 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         threads = c.run.threads or max(1, _cpu_count() // max(1, self.dist.local_world_size))
         torch.set_num_threads(threads)
+        if self.device.type == "cpu":
+            from yoda.model.denoiser import tune_cpu_allocator
+
+            tune_cpu_allocator()  # freed activations are reused, not page-faulted in again
         if self.device.type == "cpu" and c.run.deterministic:
             torch.use_deterministic_algorithms(True)
+            # deterministic mode also fills every new tensor with NaN, a check for reads of
+            # uninitialized memory that costs ~4 % of a step and changes no result
+            torch.utils.deterministic.fill_uninitialized_memory = False
 
     def _barrier(self) -> None:
         if self.dist.active:
@@ -880,13 +888,17 @@ class _Trainer:
 
     # ---------------------------------------------------------------- main loop
 
-    def run(self) -> Path:
-        c = self.config
+    def _prepare(self) -> None:
+        """Everything before the first step: device, data cache, model, optimizer, sampler."""
         self._check_run_dir()
         self._setup()
         self._batch_plan()
         self._prepare_data()
         self._build()
+
+    def run(self) -> Path:
+        c = self.config
+        self._prepare()
         self.voxel_sizes = self._voxel_sizes() if self.is_main else []
         self.t_start = time.perf_counter()
         folder = latest_checkpoint(self.run_dir) if self.resume else None
@@ -910,9 +922,97 @@ class _Trainer:
                 self._tb.close()
         return self.run_dir / MODEL_DIR
 
-    def _loop(self) -> None:
+    def _make_loader(self) -> Any:
+        """The DataLoader of the training slabs (one micro-batch per item)."""
         from torch.utils.data import DataLoader
 
+        workers = self.config.data.num_workers
+        return DataLoader(
+            self.sampler,
+            batch_size=self.micro,
+            collate_fn=collate_slabs,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+
+    def _micro_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Network inputs and loss terms of a micro-batch: ``(x_t, t, cond, target, weight)``.
+
+        Draws the timesteps and the noise from the rank's generator.
+        """
+        c = self.config
+        non_blocking = self.device.type == "cuda"
+        T = c.model.T
+        c_idx = c.model.n_slices // 2
+        x0 = batch["target"].to(self.device, non_blocking=non_blocking)
+        cond = batch["cond"].to(self.device, non_blocking=non_blocking)
+        w = batch["weight"].to(self.device, non_blocking=non_blocking)
+        valid = batch["valid"].to(self.device, non_blocking=non_blocking)
+        b = x0.shape[0]
+        t = torch.randint(0, T, (b,), generator=self.generator, device=self.device)
+        if c.optim.high_t_share > 0:
+            high = torch.rand(b, generator=self.generator, device=self.device)
+            t = torch.where(high < c.optim.high_t_share, torch.full_like(t, T - 1), t)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
+        x_t = noisy_slab(self.schedule, x0, t, noise, valid)
+        target = training_target(
+            self.schedule,
+            c.model.prediction,
+            x0[:, c_idx : c_idx + 1],
+            noise[:, c_idx : c_idx + 1],
+            t,
+        )
+        return x_t, t, cond, target, w
+
+    def _loss(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Weighted mean squared error of the network output for one micro-batch."""
+        x_t, t, cond, target, w = inputs
+        with self._autocast():
+            out = model(x_t, t, cond)
+        return ((out.float() - target).square() * w).sum() / w.sum().clamp_min(1e-8)
+
+    def _train_step(
+        self,
+        model: nn.Module,
+        batches: Any,
+        raw_params: list[torch.Tensor],
+        ema_params: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """One optimizer step: ``accumulation`` micro-batches, the update and the EMA update.
+
+        Returns the target slabs of the step's first micro-batch (as delivered by the loader).
+        """
+        c = self.config
+        first = None
+        for k in range(self.accum):
+            batch = next(batches)
+            self.consumed += self.micro
+            if first is None:
+                first = batch["target"]
+            inputs = self._micro_inputs(batch)
+            sync = (
+                model.no_sync()
+                if self.dist.active and k < self.accum - 1
+                else contextlib.nullcontext()
+            )
+            with sync:
+                loss = self._loss(model, inputs)
+                self.scaler.scale(loss / self.accum).backward()
+            self.loss_sum += loss.detach() / self.accum
+        if c.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_params, c.optim.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        decay = ema_decay_at(c.optim.ema_decay, self.ema_updates, c.optim.ema_warmup)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, raw_params, 1.0 - decay)
+        self.ema_updates += 1
+        return first
+
+    def _loop(self) -> None:
         from yoda.model.checkpoint import unwrap_model
 
         c = self.config
@@ -943,18 +1043,7 @@ class _Trainer:
         model.train()
         raw_params = [p for p in unwrap_model(model).parameters()]
         ema_params = [p for p in self.ema.parameters()]
-        loader = DataLoader(
-            self.sampler,
-            batch_size=self.micro,
-            collate_fn=collate_slabs,
-            num_workers=c.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=c.data.num_workers > 0,
-        )
-        batches = iter(loader)
-        T = c.model.T
-        p_high = c.optim.high_t_share
-        c_idx = c.model.n_slices // 2
+        batches = iter(self._make_loader())
         first_hash = None
         postfix: dict[str, str] = {}
         bar = None
@@ -967,57 +1056,15 @@ class _Trainer:
         t_log, step_log = time.perf_counter(), self.step
         start_step = self.step
         current_lr = None
-        non_blocking = self.device.type == "cuda"
         while self.step < self.total:
             lr = learning_rate(c, self.step, self.total)
             if lr != current_lr:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 current_lr = lr
-            for k in range(self.accum):
-                batch = next(batches)
-                self.consumed += self.micro
-                if first_hash is None:
-                    first_hash = _tensor_sha256(batch["target"])
-                x0 = batch["target"].to(self.device, non_blocking=non_blocking)
-                cond = batch["cond"].to(self.device, non_blocking=non_blocking)
-                w = batch["weight"].to(self.device, non_blocking=non_blocking)
-                valid = batch["valid"].to(self.device, non_blocking=non_blocking)
-                b = x0.shape[0]
-                t = torch.randint(0, T, (b,), generator=self.generator, device=self.device)
-                if p_high > 0:
-                    high = torch.rand(b, generator=self.generator, device=self.device) < p_high
-                    t = torch.where(high, torch.full_like(t, T - 1), t)
-                noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
-                x_t = noisy_slab(self.schedule, x0, t, noise, valid)
-                target = training_target(
-                    self.schedule,
-                    c.model.prediction,
-                    x0[:, c_idx : c_idx + 1],
-                    noise[:, c_idx : c_idx + 1],
-                    t,
-                )
-                sync = (
-                    model.no_sync()
-                    if self.dist.active and k < self.accum - 1
-                    else contextlib.nullcontext()
-                )
-                with sync:
-                    with self._autocast():
-                        out = model(x_t, t, cond)
-                    loss = ((out.float() - target) ** 2 * w).sum() / w.sum().clamp_min(1e-8)
-                    self.scaler.scale(loss / self.accum).backward()
-                self.loss_sum += loss.detach() / self.accum
-            if c.optim.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_params, c.optim.grad_clip, foreach=True)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            decay = ema_decay_at(c.optim.ema_decay, self.ema_updates, c.optim.ema_warmup)
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, raw_params, 1.0 - decay)
-            self.ema_updates += 1
+            first = self._train_step(model, batches, raw_params, ema_params)
+            if first_hash is None:
+                first_hash = _tensor_sha256(first)
             self.step += 1
             self.loss_count += 1
             if bar is not None:
@@ -1135,10 +1182,12 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
     trainer = _Trainer(config, progress=progress, resume=resume)
     previous_threads = torch.get_num_threads()
     previous_det = torch.are_deterministic_algorithms_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
     try:
         return trainer.run()
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_det)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
         if trainer.dist.initialized and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

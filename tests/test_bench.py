@@ -1,0 +1,255 @@
+"""yoda bench: every figure is emitted; the speed options keep the outputs of the plain path."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from yoda.bench import FIGURES, TARGETS, _bench_network, _write_model, _write_subject, run_bench
+from yoda.cli import main
+from yoda.diffusion import sampling
+from yoda.diffusion.schedule import make_schedule
+from yoda.errors import ConfigError
+from yoda.model.denoiser import VolumeDenoiser
+from yoda.translate import Translator
+from yoda.volume.views import VIEWS
+
+SHAPE = (11, 14, 9)  # no side a multiple of 4: every view pads in-plane
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return _bench_network("tiny")
+
+
+@pytest.fixture(scope="module")
+def volume():
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.rand((2, *SHAPE), generator=gen) * 2 - 1
+    x_t = torch.randn((3, *SHAPE), generator=gen)
+    return cond, x_t
+
+
+def _all_views(den, x_t, t=999):
+    return torch.stack([den(x_t, t, view) for view in VIEWS])
+
+
+def _plain(net, cond, x_t, **options):
+    den = VolumeDenoiser(net, make_schedule(), "v", cond, batch_size=7, **options)
+    return _all_views(den, x_t)
+
+
+# ------------------------------------------------------------------------------ the bench
+
+
+def test_quick_bench_emits_every_figure(tmp_path):
+    path = tmp_path / "bench.json"
+    result = run_bench("cpu", "tiny", size="tiny", json_path=path, progress=False, threads=1)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert list(result["figures"]) == list(FIGURES)
+    for name, value in result["figures"].items():
+        if value is None:
+            assert result["notes"].get(name), f"{name} is null without a reason"
+        else:
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, name
+    assert set(result["targets"]) == set(TARGETS)
+    # ratios of the same work: a step is at least its forward+backward, per-voxel ratios >= 1
+    figures = result["figures"]
+    assert figures["per_voxel_cost_ratio"] >= 1 and figures["per_flop_cost_ratio"] >= 1
+    assert 0 < figures["network_efficiency"] < 10
+    a = result["absolute"]
+    assert a["translate_s"] > 0 and a["translate_network_s"] > 0
+    assert a["network_gflops"] == pytest.approx(
+        a["regression_flops"] / a["regression_network_s"] / 1e9, rel=1e-3
+    )
+    spv = a["seconds_per_volume"]
+    assert [spv[m]["nfe"] for m in ("regression", "diffusion", "expa")] == [3, 251, 1004]
+    # extrapolation: per-NFE time x NFE
+    assert spv["diffusion"]["seconds"] == pytest.approx(a["per_nfe_diffusion_s"] * 251, rel=1e-3)
+    assert spv["expa"]["seconds"] == pytest.approx(a["per_nfe_expa_s"] * 1004, rel=1e-3)
+    assert "extrapolated" in spv["diffusion"]["how"] and "extrapolated" in spv["expa"]["how"]
+    assert set(a["per_slice_s"]) == {"16^3", "32^3", "64^3"}
+    assert result["figures"]["peak_memory_translate_mb"] > 0.1  # a 32^3 translation allocates
+    # the bench leaves the process as it found it
+    assert torch.get_num_threads() == 1
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory
+
+
+def test_bench_options_are_checked():
+    with pytest.raises(ConfigError, match="size"):
+        run_bench("cpu", "tiny", size="huge", progress=False)
+    with pytest.raises(ConfigError, match="preset"):
+        run_bench("cpu", "medium", size="tiny", progress=False)
+    with pytest.raises(ConfigError, match="batch"):
+        run_bench("cpu", "tiny", size="tiny", progress=False, batch_size=0)
+
+
+def test_cli_parses_and_reports_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "medium"])
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["bench", "--device", "tpu", "--quick"]) == 1
+    assert "device" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- options keep the results
+
+
+def test_source_cache_and_eager_compile_are_bitwise_identical(net, volume):
+    cond, x_t = volume
+    ref = _plain(net, cond, x_t)
+    assert ref.abs().mean() > 1e-2  # a non-trivial network output
+    assert torch.equal(_plain(net, cond, x_t, cache_cond=True), ref)
+    assert torch.equal(_plain(net, cond, x_t, flash_attention=True), ref)  # the model's own
+    den = VolumeDenoiser(net, make_schedule(), "v", cond, batch_size=64, compile="eager")
+    plain = VolumeDenoiser(net, make_schedule(), "v", cond, batch_size=64)
+    assert torch.equal(den(x_t[:1], 500, "coronal"), plain(x_t[:1], 500, "coronal"))
+
+
+def test_channels_last_and_attention_kernel_agree_to_float32_rounding(net, volume):
+    cond, x_t = volume
+    ref = _plain(net, cond, x_t)
+    for options in ({"channels_last": True}, {"flash_attention": False}):
+        out = _plain(net, cond, x_t, **options)
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-5, msg=str(options))
+    # the attention setting is the network's own again after the call
+    flags = {m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention")}
+    assert flags == {True}
+
+
+def test_bf16_autocast_within_stated_tolerance(net, volume):
+    """bf16 keeps 8 bits of mantissa: |x0_hat difference| <= 0.1 on [-1, 1] (13 on 0-255)."""
+    cond, x_t = volume
+    ref = _plain(net, cond, x_t)
+    out = _plain(net, cond, x_t, autocast_dtype="bf16")
+    diff = (out - ref).abs()
+    assert diff.max() <= 0.1 and diff.mean() <= 0.01
+    assert not torch.equal(out, ref)  # autocast really ran in bf16
+
+
+def test_model_modes_are_restored_exactly(net, volume):
+    cond, x_t = volume
+    net.train()
+    net.unet.time_embed.eval()  # a mixed state
+    before = {name: m.training for name, m in net.named_modules()}
+    VolumeDenoiser(net, make_schedule(), "v", cond)(x_t, 999, "axial")
+    assert {name: m.training for name, m in net.named_modules()} == before
+    net.eval()
+
+
+def test_expa_batch_equals_trajectories_of_its_own_chunks(net):
+    """The batched ExpA the bench times is the same computation as one trajectory per chunk."""
+    gen = torch.Generator().manual_seed(1)
+    cond = torch.rand((2, 8, 8, 6), generator=gen) * 2 - 1
+    den = VolumeDenoiser(net, make_schedule(), "v", cond, batch_size=16)
+    steps = sampling.timesteps_strided(1000, 3)
+    sched = make_schedule()
+    a = sampling.expa(den, (8, 8, 6), sched, n_ex=1, timesteps=steps, generator=gen.manual_seed(3))
+    b = sampling.diffusion(den, (8, 8, 6), sched, timesteps=steps, generator=gen.manual_seed(3))
+    torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-6)
+    assert den.nfe == 2 * len(steps)
+
+
+def test_translator_options_give_the_same_translation(tmp_path):
+    model_dir = _write_model(tmp_path / "model", "tiny")
+    paths = _write_subject(tmp_path / "subject", 20, seed=3)
+    sources = {k: str(paths[k]) for k in ("t1w", "t2w")}
+    plain = Translator.load(model_dir, device="cpu").translate(sources, seed=0).image
+    assert plain.std() > 0
+    for options in (
+        {"cache_cond": True},
+        {"channels_last": True},
+        {"flash_attention": False},
+        {"batch_size": 5},
+    ):
+        out = Translator.load(model_dir, device="cpu", **options).translate(sources, seed=0).image
+        # 0-255 scale: float32 rounding of the network scale times 127.5
+        np.testing.assert_allclose(out, plain, rtol=0, atol=5e-3, err_msg=str(options))
+    cached = Translator.load(model_dir, device="cpu", cache_cond=True).translate(sources, seed=0)
+    np.testing.assert_array_equal(cached.image, plain)
+
+
+def test_training_step_does_not_depend_on_the_nan_fill(tmp_path):
+    """Turning off the NaN fill of new tensors (deterministic mode) changes no result."""
+    from yoda.config import TrainConfig, apply_overrides, validate
+    from yoda.data.manifest import Manifest, Subject, write_manifest
+    from yoda.train import _Trainer, weights_sha256
+
+    subjects = [
+        Subject(f"s{i}", "train", dict(_write_subject(tmp_path / f"s{i}", 16, seed=i)))
+        for i in range(2)
+    ]
+    manifest = write_manifest(Manifest(subjects, tmp_path), tmp_path / "m.csv")
+    hashes = []
+    for fill in (True, False):
+        config = apply_overrides(
+            TrainConfig(),
+            {
+                "data.manifest": str(manifest),
+                "data.sources": ["t1w", "t2w"],
+                "data.target": "flair",
+                "data.cache_dir": str(tmp_path / "cache"),
+                "model.preset": "tiny",
+                "optim.batch_size": 2,
+                "optim.high_t_share": 0.5,
+                "run.out": str(tmp_path / f"run{fill}"),
+                "run.threads": 1,
+                "run.steps": 3,
+                "run.val_every": 0,
+                "run.tensorboard": False,
+            },
+        )
+        validate(config)
+        trainer = _Trainer(config, progress=False, resume=False)
+        try:
+            trainer._prepare()
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+            model = trainer.model.train()
+            batches = iter(trainer._make_loader())
+            params, ema = list(model.parameters()), list(trainer.ema.parameters())
+            for _ in range(3):
+                trainer._train_step(model, batches, params, ema)
+            hashes.append((weights_sha256(model), weights_sha256(trainer.ema)))
+        finally:
+            torch.use_deterministic_algorithms(False)
+            torch.utils.deterministic.fill_uninitialized_memory = True
+    assert hashes[0] == hashes[1]
+    assert trainer.ema_updates == 3
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("system", ["False", "False"]), ("keep", ["True", "False"]), ("", ["True", "True"])],
+)
+def test_cpu_allocator_switch(mode, expected):
+    """YODA_CPU_ALLOCATOR: system leaves malloc alone, keep never gives memory back, default
+    reuses blocks and gives free memory back after each denoiser call (glibc only)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if mode != "system" and platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt thresholds are glibc's")
+    code = (
+        "from yoda.model import denoiser as d; ok = d.tune_cpu_allocator(); "
+        "d.release_cpu_memory(); print(ok, 'trim' in d._ALLOCATOR)"
+    )
+    env = {**os.environ, "YODA_CPU_ALLOCATOR": mode}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == expected
