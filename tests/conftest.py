@@ -62,3 +62,22 @@ def tiny_model(phantom_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -
         return train(apply_overrides(TrainConfig(), values), progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread per test: the networks and volumes here are small, and on a busy
+    2-core machine a second thread makes small operations many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def subject(phantom_cohort: Path) -> dict[str, Path]:
+    """Files of the phantom's test subject (RAS, 4 mm): t1w, t2w, flair and mask."""
+    folder = phantom_cohort.parent / "sub-004"
+    return {role: folder / f"{role}.nii.gz" for role in ("t1w", "t2w", "flair", "mask")}

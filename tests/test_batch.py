@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from yoda.batch import output_path, subject_lock, translate_cohort
 from yoda.cli import main
@@ -21,14 +20,6 @@ from yoda.data import io
 from yoda.data.manifest import Manifest, Subject
 from yoda.errors import InputError
 from yoda.translate import Translation, Translator, subject_seed
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:

@@ -21,14 +21,6 @@ from yoda.volume.views import VIEWS
 SHAPE = (11, 14, 9)  # no side a multiple of 4: every view pads in-plane
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def net():
     return _bench_network("tiny")

@@ -36,20 +36,6 @@ from yoda.translate import Translator, subject_seed
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def subject(phantom_cohort: Path) -> dict[str, Path]:
-    folder = phantom_cohort.parent / "sub-004"
-    return {r: folder / f"{r}.nii.gz" for r in ("t1w", "t2w", "flair", "mask")}
-
-
 @pytest.fixture(scope="module")
 def bad(subject, tmp_path_factory) -> dict[str, Path]:
     """Damaged and unsuitable inputs, made from the test subject's T1w."""

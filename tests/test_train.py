@@ -65,16 +65,6 @@ def _end(run_dir: Path) -> dict:
     return [e for e in _metrics(run_dir) if e.get("event") == "end"][-1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread in the test process is fastest and immune to busy CPUs
-    (training runs set run.threads=1 themselves)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")

@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
@@ -18,23 +17,6 @@ from yoda.data import io
 from yoda.diffusion import sampling
 from yoda.translate import Translator
 from yoda.volume.views import VIEWS
-
-ROLES = ("t1w", "t2w", "flair", "mask")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def subject(phantom_cohort: Path) -> dict[str, Path]:
-    """Files of the phantom's test subject (RAS, 4 mm)."""
-    folder = phantom_cohort.parent / "sub-004"
-    return {role: folder / f"{role}.nii.gz" for role in ROLES}
 
 
 @pytest.fixture(scope="module")

@@ -35,15 +35,6 @@ NET = NetworkConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The networks here are tiny: one thread is fastest and immune to busy CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _card(**kw) -> ModelCard:
     values = dict(
         sources=["t1w", "t2w"],
