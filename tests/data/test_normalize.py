@@ -303,3 +303,15 @@ def test_crop_uncrop_round_trip():
     assert np.array_equal(crop(full, bbox), cropped)
     with pytest.raises(InputError):
         uncrop(cropped[..., :-1], bbox, shape)
+
+
+def test_apply_intensity_saturates_huge_values_without_warnings():
+    import warnings
+
+    from yoda.data.normalize import Intensity, apply_intensity
+
+    vol = np.array([0.0, 1.0, 3.0e38], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = apply_intensity(vol, Intensity(method="tissue", scale=10.0))
+    assert out.tolist() == [0.0, 10.0, 255.0]

@@ -168,10 +168,14 @@ def fit_intensity(
 
 
 def apply_intensity(vol: np.ndarray, intensity: Intensity) -> np.ndarray:
-    """Map an image to the 0-255 scale: ``clip((vol - offset) * scale, 0, 255)`` (float32)."""
-    out = (np.asarray(vol, dtype=np.float32) - np.float32(intensity.offset)) * np.float32(
-        intensity.scale
-    )
+    """Map an image to the 0-255 scale: ``clip((vol - offset) * scale, 0, 255)`` (float32).
+
+    Values so large that the product overflows float32 saturate at 255 like any other.
+    """
+    with np.errstate(over="ignore"):
+        out = (np.asarray(vol, dtype=np.float32) - np.float32(intensity.offset)) * np.float32(
+            intensity.scale
+        )
     return np.clip(out, 0.0, 255.0, out=out)
 
 
