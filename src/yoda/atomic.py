@@ -40,9 +40,11 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     )
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     try:
         yield tmp_path
+        # mkstemp makes 0600, and some writers (safetensors) recreate the file: give the
+        # result the mode of a plainly created file
+        os.chmod(tmp_path, 0o666 & ~_umask())
         if fsync:
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
