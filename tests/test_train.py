@@ -128,6 +128,7 @@ def test_tiny_model_learns_and_beats_the_mean_image(tiny_model):
 
     model, card = load_model(model_dir)
     assert card.steps == 160 and card.training["subjects"] == 3
+    assert card.training["voxel_sizes"] == [[4.0, 4.0, 4.0]]
     val = CachedCohort.open(cache / "index-val.json")
     arr = val.load(0, mmap=False)
     sched = make_schedule(card.schedule, card.T)

@@ -461,9 +461,8 @@ class _Trainer:
         sizes = set()
         for subject in self.train_subjects:
             try:
-                img = io._open_path(Path(subject.images[self.config.data.target]), subject.id)
-                zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
-                sizes.add(tuple(round(float(z), 4) for z in zooms))
+                zooms = io.read_voxel_size(subject.images[self.config.data.target])
+                sizes.add(tuple(round(z, 4) for z in zooms))
             except Exception:  # the summary is informative only
                 continue
         return [list(s) for s in sorted(sizes)]

@@ -17,7 +17,14 @@ from nibabel.orientations import (
     ornt_transform,
 )
 
-from yoda.data.io import Geometry, check_same_grid, load_image, resample_like, save_image
+from yoda.data.io import (
+    Geometry,
+    check_same_grid,
+    load_image,
+    read_voxel_size,
+    resample_like,
+    save_image,
+)
 from yoda.errors import ConfigError, GridMismatchError, InputError
 
 RAS = axcodes2ornt("RAS")
@@ -127,6 +134,9 @@ def test_canonical_array_is_ras(tmp_path):
     assert np.allclose(lin, np.diag([zooms[0], zooms[2], zooms[1]]))
     assert np.allclose(geom.canonical_affine @ [*expected, 1.0], world)
     assert geom.voxel_size == pytest.approx((2.0, 1.5, 3.0))
+    assert read_voxel_size(src) == pytest.approx((2.0, 1.5, 3.0))  # from the header alone
+    with pytest.raises(InputError, match="file not found"):
+        read_voxel_size(tmp_path / "missing.nii.gz")
 
 
 def test_qform_only_header_round_trip(tmp_path):

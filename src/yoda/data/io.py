@@ -41,6 +41,7 @@ __all__ = [
     "Geometry",
     "check_same_grid",
     "load_image",
+    "read_voxel_size",
     "resample_like",
     "save_image",
 ]
@@ -196,6 +197,21 @@ def load_image(src: Any, *, name: str = "image") -> tuple[np.ndarray, Geometry]:
     canonical = np.ascontiguousarray(apply_orientation(data, ornt), dtype=np.float32)
     geom = Geometry(affine=affine, shape=shape, header=header, ornt=ornt, path=path)
     return canonical, geom
+
+
+def read_voxel_size(path: str | os.PathLike, *, name: str = "image") -> tuple[float, float, float]:
+    """Voxel size (mm) along the canonical axes x, y, z, from the header alone.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or not a readable NIfTI/MGZ volume.
+    """
+    img = _open_path(Path(path), name)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    shape = _spatial_shape(tuple(img.shape), name)
+    geometry = Geometry(affine=affine, shape=shape, header=None, ornt=io_orientation(affine))
+    return geometry.voxel_size
 
 
 def _open_path(path: Path, name: str) -> SpatialImage:
