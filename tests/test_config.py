@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import typing
 
 import pytest
@@ -151,6 +153,7 @@ def test_override_type_checks_and_unknown_keys():
         ({"data.sources": ["T1w"]}, "lower-case"),
         ({"optim.ema_decay": 1.0}, "ema_decay"),
         ({"optim.high_t_share": 1.5}, "high_t_share"),
+        ({"model.init": "/nonexistent/model"}, "not a model directory"),
         ({"optim.lr": 0.0}, "optim.lr"),
         ({"run.device": "gpu"}, "run.device"),
         ({"run.device": "cuda:x"}, "run.device"),
@@ -199,6 +202,7 @@ def test_hash_ignores_only_non_math_fields():
         ("optim.batch_size", 32),
         ("data.views", ["axial"]),
         ("data.manifest", "other.csv"),
+        ("model.init", "/models/pretrained"),
     ]:
         changed = apply_overrides(base, {key: value})
         assert config_hash(changed) != h, key
@@ -206,6 +210,21 @@ def test_hash_ignores_only_non_math_fields():
     # every non-math field exists
     names = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert NON_MATH_FIELDS <= names
+
+
+def test_hash_without_init_is_the_hash_of_runs_made_before_the_option():
+    """``model.init = None`` is left out of the hash, so older checkpoints still resume."""
+    base = _complete(**{"data.manifest": "/data/manifest.csv"})
+    values = config_to_dict(base)
+    del values["model"]["init"]
+    math = {
+        f"{section}.{key}": value
+        for section, sub in values.items()
+        for key, value in sub.items()
+        if f"{section}.{key}" not in NON_MATH_FIELDS
+    }
+    old = hashlib.sha256(json.dumps(math, sort_keys=True).encode()).hexdigest()
+    assert config_hash(base) == old
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -21,7 +21,7 @@ import yoda.train as train_module
 from yoda.cli import main
 from yoda.config import TrainConfig, apply_overrides
 from yoda.errors import ConfigError
-from yoda.model.checkpoint import load_model, read_card
+from yoda.model.checkpoint import build_model, load_model, read_card
 from yoda.train import ema_decay_at, latest_checkpoint, learning_rate, train, weights_sha256
 
 
@@ -368,6 +368,37 @@ def test_ema_with_zero_decay_equals_raw_weights(phantom_cohort, cache_dir, tmp_p
 
 # ------------------------------------------------------------------------------------------
 # command line
+
+
+def test_fine_tuning_starts_from_the_given_models_weights(
+    phantom_cohort, cache_dir, tiny_model, tmp_path
+):
+    """One Adam step of lr 1e-9 moves no weight by more than ~1e-9 from the initial model."""
+    out = tmp_path / "tuned"
+    overrides = {"model.init": str(tiny_model), "run.steps": 1, "optim.lr": 1e-9}
+    train(_config(phantom_cohort, out, cache_dir, **overrides), progress=False)
+    start, _ = load_model(tiny_model)
+    tuned, card = load_model(out / "model", weights="raw")
+    fresh = build_model(card)  # randomly initialized
+    a, b, c = (torch.cat([p.flatten() for p in m.parameters()]) for m in (start, tuned, fresh))
+    assert (a - b).abs().max() < 1e-8
+    assert (a - c).abs().max() > 1e-2  # a random network is far away
+    assert card.training["init"] == str(tiny_model)
+
+
+def test_fine_tuning_refuses_an_incompatible_model(
+    phantom_cohort, cache_dir, tiny_model, tmp_path, capsys
+):
+    argv = [
+        "train", "--data", str(phantom_cohort), "--sources", "t1w", "t2w", "--target", "flair",
+        "--preset", "tiny", "--cache-dir", str(cache_dir), "--batch-size", "2", "--steps", "1",
+        "--val-every", "0", "--threads", "1", "--no-progress", "--init", str(tiny_model),
+        "--n-slices", "3", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "slab thickness differ" in err[0]
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_cli_train_and_errors(phantom_cohort, cache_dir, tmp_path, capsys):

@@ -84,6 +84,10 @@ class ModelConfig:
     schedule: str = "linear"
     #: Number of diffusion timesteps (paper: 1000; T=1 trains a dedicated regression model).
     T: int = 1000
+    #: Start from the (EMA) weights of this model directory instead of a random network
+    #: (fine-tuning); its preset, slab thickness, number of sources, prediction, schedule and T
+    #: must be this run's. The optimizer, EMA warm-up and learning-rate schedule start afresh.
+    init: str | None = None
 
 
 @dataclass
@@ -422,6 +426,8 @@ def validate(config: TrainConfig, *, require_data: bool = True) -> TrainConfig:
     _choice("model.prediction", m.prediction, PREDICTIONS)
     _choice("model.schedule", m.schedule, SCHEDULES)
     _positive("model.T", m.T)
+    if m.init is not None and require_data and not Path(m.init).expanduser().is_dir():
+        raise ConfigError(f"model.init {m.init}: not a model directory")
     if m.T == 1 and m.prediction == "eps":
         raise ConfigError(
             "model.prediction 'eps' cannot train a T=1 regression model (x_T is pure noise); "
@@ -495,7 +501,9 @@ def config_hash(config: TrainConfig) -> str:
         for key, value in sub.items():
             if f"{section}.{key}" in NON_MATH_FIELDS:
                 continue
-            if f"{section}.{key}" == "data.manifest" and value:
+            if f"{section}.{key}" == "model.init" and value is None:
+                continue  # absent from the hashes of runs made before the option existed
+            if f"{section}.{key}" in ("data.manifest", "model.init") and value:
                 value = str(Path(value).expanduser().resolve())
             math[f"{section}.{key}"] = value
     text = json.dumps(math, sort_keys=True)
@@ -512,7 +520,7 @@ def config_diff(a: TrainConfig, b: TrainConfig, *, math_only: bool = True) -> li
             if math_only and dotted in NON_MATH_FIELDS:
                 continue
             va, vb = da[section][key], db[section][key]
-            if dotted == "data.manifest" and va and vb:
+            if dotted in ("data.manifest", "model.init") and va and vb:
                 va, vb = (str(Path(v).expanduser().resolve()) for v in (va, vb))
             if va != vb:
                 out.append(dotted)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -669,6 +670,33 @@ class _Trainer:
     def _wall(self) -> float:
         return self.wall_before + (time.perf_counter() - self.t_start)
 
+    def _load_init(self, directory: str) -> None:
+        """Start from the EMA weights of a compatible model directory (``model.init``)."""
+        from yoda.model.checkpoint import load_model
+
+        c = self.config
+        model, card = load_model(Path(directory).expanduser(), device=self.device)
+
+        def layers(cfg: Any) -> dict[str, Any]:  # the architecture, not runtime switches
+            return {**dataclasses.asdict(cfg), "use_flash_attention": None}
+
+        pairs = {  # this run's setting, the model's
+            "network": (layers(self.net_cfg), layers(card.network_config)),
+            "slab thickness": (c.model.n_slices, card.n_slices),
+            "number of sources": (len(c.data.sources), len(card.sources)),
+            "prediction": (c.model.prediction, card.prediction),
+            "schedule": (c.model.schedule, card.schedule),
+            "T": (c.model.T, card.T),
+        }
+        differ = [name for name, (mine, theirs) in pairs.items() if mine != theirs]
+        if differ:
+            raise ConfigError(
+                f"model.init {directory}: its {', '.join(differ)} differ from this run's; "
+                "fine-tuning needs the same network and diffusion settings"
+            )
+        self.model.load_state_dict(model.state_dict())
+        self.ema.load_state_dict(model.state_dict())
+
     def _card(self) -> Any:
         from yoda.model.checkpoint import ModelCard
 
@@ -704,6 +732,7 @@ class _Trainer:
             "ema_decay": c.optim.ema_decay,
             "ema_warmup": c.optim.ema_warmup,
             "high_t_share": c.optim.high_t_share,
+            "init": c.model.init,
             "mask_weighting": c.data.mask_weighting,
             "samples_per_volume": c.data.samples_per_volume,
             "device": str(self.device),
@@ -905,8 +934,11 @@ class _Trainer:
             self._load_checkpoint(folder)
             if self.is_main and self.progress:
                 print(f"resuming {self.run_dir} from step {self.step}", file=sys.stderr)
-        elif self.resume and self.is_main and self.progress:
-            print(f"no checkpoint in {self.run_dir}: starting from step 0", file=sys.stderr)
+        else:
+            if self.resume and self.is_main and self.progress:
+                print(f"no checkpoint in {self.run_dir}: starting from step 0", file=sys.stderr)
+            if c.model.init:
+                self._load_init(c.model.init)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(c, self.run_dir / CONFIG_FILE)

@@ -28,6 +28,11 @@ FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--schedule",), "model.schedule", {"help": "linear (default) or cosine"}),
     (("--T",), "model.T", {"type": int, "help": "diffusion steps (default 1000; 1: regression)"}),
     (
+        ("--init",),
+        "model.init",
+        {"metavar": "MODEL_DIR", "help": "fine-tune: start from this model directory's weights"},
+    ),
+    (
         ("--steps",),
         "run.steps",
         {"type": int, "help": "optimizer steps (default: from --samples-per-volume)"},
