@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +16,8 @@ from yoda import __version__
 from yoda.cli import main
 from yoda.data import io
 from yoda.diffusion import sampling
+from yoda.errors import ModelError
+from yoda.model.checkpoint import read_card
 from yoda.translate import Translator
 from yoda.volume.views import VIEWS
 
@@ -279,3 +282,25 @@ def test_cli_existing_output_needs_force(tiny_model, sources, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flair.nii.gz"]
     assert _cli(tiny_model, sources, out, "--views", "axial", "--force") == 0
     assert nib.load(out).shape == nib.load(sources["t1w"]).shape
+
+
+def test_the_network_sees_the_training_canvas(tiny_model, sources, tmp_path):
+    """Slices are centred on the training slabs' in-plane size, as in training."""
+    tr = Translator.load(tiny_model, device="cpu")
+    canvas = tuple(read_card(tiny_model).training["slab_size"])
+    assert tr.canvas == canvas
+    shapes = []
+    hook = tr.model.register_forward_pre_hook(lambda _m, args: shapes.append(args[0].shape[-2:]))
+    try:
+        tr.translate(sources, views="all")
+    finally:
+        hook.remove()
+    assert len(shapes) > 0 and all(h >= canvas[0] and w >= canvas[1] for h, w in shapes)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    card = json.loads((bad / "model.json").read_text())
+    card["training"]["slab_size"] = "80x80"
+    (bad / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="slab_size"):
+        Translator.load(bad, device="cpu")

@@ -206,6 +206,7 @@ class Translator:
         self.batch_size = int(batch_size)
         self.schedule = make_schedule(card.schedule, card.T)
         self.model_dir = model_dir
+        self.canvas = card.slab_size  # the training slabs' in-plane size, if the card says
 
     @classmethod
     def load(
@@ -310,6 +311,7 @@ class Translator:
             channels_last=self.channels_last,
             flash_attention=self.flash_attention,
             cache_cond=self.cache_cond,
+            canvas=self.canvas,
         )
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         shape = tuple(prep.data.shape[1:])

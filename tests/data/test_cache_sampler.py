@@ -268,3 +268,48 @@ def test_sampler_options_are_checked(cohort):
         SlabSampler(cohort, views=("axial", "axial"))
     only_axial = SlabSampler(cohort, views=("axial",), in_multiple=4)
     assert {only_axial.sample(g)["view"] for g in range(20)} == {VIEWS.index("axial")}
+
+
+class _Spy(torch.nn.Module):
+    """Records the slabs it is given (one slice per call) and predicts zeros."""
+
+    def __init__(self, n_slices: int, n_sources: int, in_multiple: int) -> None:
+        super().__init__()
+        self.n_slices, self.n_sources, self.in_multiple = n_slices, n_sources, in_multiple
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x_t, t, cond):
+        self.inputs.append((x_t.clone(), cond.clone()))
+        return torch.zeros_like(x_t[:, :1]) + self.anchor
+
+
+def test_inference_on_the_training_canvas_sees_exactly_the_training_slabs(cohort):
+    """A denoiser given the sampler's slab size feeds the network the very slabs training drew
+    (same centring, same background), slice by slice and view by view."""
+    from yoda.diffusion.schedule import make_schedule
+    from yoda.model.denoiser import VolumeDenoiser
+
+    n = 5
+    sampler = SlabSampler(cohort, n_slices=n, in_multiple=8, seed=1)
+    arr = torch.from_numpy(cohort.load(0, mmap=False))  # [target, t1w, t2w, mask]
+    found = {}
+    for g in range(2000):
+        i, v, s = sampler.draw(g)
+        if i == 0 and v not in found:
+            found[v] = (g, s)
+    assert len(found) == 3
+    for v, (g, s) in found.items():
+        item = sampler.sample(g)
+        spy = _Spy(n, 2, 8)
+        den = VolumeDenoiser(
+            spy, make_schedule(), "x0", arr[1:3], batch_size=1, canvas=sampler.size
+        )
+        den(arr[0], 0, sampler.views[v])  # x_t = the clean target, as at t = 0
+        x_slab, c_slab = spy.inputs[s]
+        assert torch.equal(x_slab[0], item["target"]) and torch.equal(c_slab[0], item["cond"])
+        plain = _Spy(n, 2, 8)
+        VolumeDenoiser(plain, make_schedule(), "x0", arr[1:3], batch_size=1)(
+            arr[0], 0, sampler.views[v]
+        )
+        assert plain.inputs[s][0].shape[-2:] != item["target"].shape[-2:]  # no canvas: differs

@@ -145,3 +145,17 @@ def test_pad_inplane_errors() -> None:
         pad_inplane(torch.zeros(3, 3), 0)
     with pytest.raises(InputError):
         pad_inplane(torch.zeros(3), 4)
+
+
+@pytest.mark.parametrize(("H", "W", "size"), [(13, 7, (16, 16)), (20, 9, (16, 12)), (5, 5, (6, 7))])
+def test_pad_to_a_canvas_centres_the_image(H: int, W: int, size: tuple[int, int]) -> None:
+    x = torch.randn(3, H, W)
+    padded, pads = pad_inplane(x, 4, value=-1.0, size=size)
+    Hp, Wp = padded.shape[-2:]
+    assert (
+        Hp == max(-(-H // 4), -(-size[0] // 4)) * 4 and Wp == max(-(-W // 4), -(-size[1] // 4)) * 4
+    )
+    wb, _, hb, _ = pads
+    assert (hb, wb) == ((Hp - H) // 2, (Wp - W) // 2)  # the training sampler's placement
+    assert torch.equal(crop_inplane(padded, pads), x)
+    assert float(padded.sum()) == pytest.approx(float(x.sum()) - (Hp * Wp - H * W) * 3, abs=1e-3)

@@ -116,6 +116,21 @@ class ModelCard:
         except ConfigError as exc:
             raise ModelError(f"model card: invalid network configuration: {exc}") from None
 
+    @property
+    def slab_size(self) -> tuple[int, int] | None:
+        """In-plane size (H, W) of the training slabs, or None where the card does not say
+        (e.g. converted checkpoints)."""
+        size = self.training.get("slab_size")
+        if size is None:
+            return None
+        if (
+            not isinstance(size, (list, tuple))
+            or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+        ):
+            raise ModelError(f"model card: training.slab_size must be [H, W], got {size!r}")
+        return (size[0], size[1])
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dictionary."""
         return dataclasses.asdict(self)

@@ -242,6 +242,12 @@ class VolumeDenoiser:
     compile : str or bool, optional
         ``torch.compile`` the network with this mode (see ``COMPILE_MODES``; True is
         "default"). Compiling takes a while at the first call of each input shape.
+    canvas : (H, W), optional
+        The in-plane size of the training slabs (a model card's ``training.slab_size``).
+        Slices are centred on a canvas at least this large and padded with background, as
+        they were in training; the network's statistics depend on that surrounding
+        (GroupNorm), so a model sees its training conditions. Default: pad only to the
+        network's input multiple.
 
     Attributes
     ----------
@@ -263,6 +269,7 @@ class VolumeDenoiser:
         channels_last: bool = False,
         flash_attention: bool | None = None,
         compile: str | bool | None = None,
+        canvas: tuple[int, int] | None = None,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
@@ -288,6 +295,14 @@ class VolumeDenoiser:
         self.compile = compile
         self.n_slices = int(model.n_slices)
         self.multiple = int(model.in_multiple)
+        if canvas is not None:
+            canvas = tuple(canvas)
+            if len(canvas) != 2 or not all(
+                isinstance(v, Integral) and not isinstance(v, bool) and v >= 1 for v in canvas
+            ):
+                raise ConfigError(f"canvas must be two positive integers (H, W), got {canvas!r}")
+            canvas = (int(canvas[0]), int(canvas[1]))
+        self.canvas = canvas
         if isinstance(cond, np.ndarray):
             cond = torch.from_numpy(np.ascontiguousarray(cond))
         if not torch.is_tensor(cond) or cond.ndim != 4:
@@ -316,7 +331,9 @@ class VolumeDenoiser:
         if entry is None:
             if not self.cache_cond:
                 self._cache.clear()  # free the previous view's sources before the next ones
-            padded, pads = pad_inplane(to_view(self.cond, view), self.multiple, _BACKGROUND)
+            padded, pads = pad_inplane(
+                to_view(self.cond, view), self.multiple, _BACKGROUND, self.canvas
+            )
             padded = padded.unsqueeze(0).contiguous()  # (1, S, D, H', W')
             if self.cache_cond:
                 store = extract_slabs(padded, self.n_slices, _BACKGROUND)
@@ -392,7 +409,7 @@ class VolumeDenoiser:
     def _denoise_into(self, out: torch.Tensor, x_t: torch.Tensor, t: int, view: str) -> None:
         n = self.n_slices
         cond, pads = self._cond_for_view(view)
-        xp, _ = pad_inplane(to_view(x_t, view), self.multiple, _BACKGROUND)
+        xp, _ = pad_inplane(to_view(x_t, view), self.multiple, _BACKGROUND, self.canvas)
         xp = xp.contiguous()  # (B, D, H', W')
         vols = xp.unsqueeze(1)  # (B, 1, D, H', W')
         n_vol, depth, hp, wp = xp.shape

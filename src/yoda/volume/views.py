@@ -126,11 +126,16 @@ def _check_multiple(multiple: int) -> int:
 
 
 def pad_inplane(
-    x: torch.Tensor, multiple: int, value: float = -1.0
+    x: torch.Tensor,
+    multiple: int,
+    value: float = -1.0,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Pad the last two dims (H, W) with ``value`` up to multiples of ``multiple``.
 
-    The padding is split between both sides (the extra voxel, if odd, goes after).
+    With ``size`` the result is at least that large (each dimension still a multiple of
+    ``multiple``): the image is centred on a canvas like the training slabs. The padding is
+    split between both sides (the extra voxel, if odd, goes after).
 
     Returns
     -------
@@ -144,6 +149,9 @@ def pad_inplane(
         raise InputError(f"pad_inplane: expected >= 2 dims, got shape {tuple(x.shape)}")
     H, W = x.shape[-2:]
     ph, pw = -H % m, -W % m
+    if size is not None:
+        ph = max(ph, int(size[0]) - H + (-int(size[0]) % m))
+        pw = max(pw, int(size[1]) - W + (-int(size[1]) % m))
     pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
     if ph == 0 and pw == 0:
         return x, pads
