@@ -22,6 +22,8 @@ BUNDLED_MODEL = "phantom-flair"
 EXPA_SIZES = (4, 10)
 #: Diffusion timesteps of the demo's strided preview (``full=True``: the paper's 251).
 PREVIEW_STEPS = 5
+#: Seed of the demo's phantom subjects (and of its sampling).
+DEMO_SEED = 2024
 
 
 def bundled_model_dir() -> Path:
@@ -64,7 +66,7 @@ def run_demo(
     *,
     subjects: int = 3,
     voxel_size: float = 3.0,
-    seed: int = 2024,
+    seed: int = DEMO_SEED,
     full: bool = False,
     steps: int | None = None,
     train: bool = False,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from yoda.demo import DEMO_SEED
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
@@ -19,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="yoda-demo", help="output folder (default: ./yoda-demo)")
     p.add_argument("--subjects", type=int, default=3, help="phantom test subjects (default 3)")
-    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--seed", type=int, default=DEMO_SEED, help=f"default {DEMO_SEED}")
     p.add_argument(
         "--full", action="store_true", help="the paper's truncated sampler (251 NFE per sample)"
     )
