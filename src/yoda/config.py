@@ -493,19 +493,29 @@ def parse_device(text: str) -> tuple[str, int | None]:
     raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N; got {text!r}")
 
 
+#: Fields that hold paths: the hash and the diff compare them resolved to absolute paths.
+PATH_FIELDS = frozenset({"data.manifest", "model.init"})
+
+
+def _comparable(dotted: str, value: Any) -> Any:
+    """A field's value as :func:`config_hash` and :func:`config_diff` compare it."""
+    if dotted in PATH_FIELDS and value:
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def config_hash(config: TrainConfig) -> str:
     """SHA-256 of the fields that change the training arithmetic (see NON_MATH_FIELDS)."""
     values = config_to_dict(config)
     math = {}
     for section, sub in values.items():
         for key, value in sub.items():
-            if f"{section}.{key}" in NON_MATH_FIELDS:
+            dotted = f"{section}.{key}"
+            if dotted in NON_MATH_FIELDS:
                 continue
-            if f"{section}.{key}" == "model.init" and value is None:
+            if dotted == "model.init" and value is None:
                 continue  # absent from the hashes of runs made before the option existed
-            if f"{section}.{key}" in ("data.manifest", "model.init") and value:
-                value = str(Path(value).expanduser().resolve())
-            math[f"{section}.{key}"] = value
+            math[dotted] = _comparable(dotted, value)
     text = json.dumps(math, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -519,9 +529,6 @@ def config_diff(a: TrainConfig, b: TrainConfig, *, math_only: bool = True) -> li
             dotted = f"{section}.{key}"
             if math_only and dotted in NON_MATH_FIELDS:
                 continue
-            va, vb = da[section][key], db[section][key]
-            if dotted in ("data.manifest", "model.init") and va and vb:
-                va, vb = (str(Path(v).expanduser().resolve()) for v in (va, vb))
-            if va != vb:
+            if _comparable(dotted, da[section][key]) != _comparable(dotted, db[section][key]):
                 out.append(dotted)
     return out
