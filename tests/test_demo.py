@@ -77,11 +77,16 @@ def test_expa_fidelity_lies_between_and_approaches_regression_as_n_ex_grows(demo
         assert value["diffusion"] < value["expa-2"] < value["expa-6"] < value["regression"]
 
 
+def _sigma_wm(summary: dict) -> dict[str, float]:
+    """White-matter noise level of each sampling mode of the reduced demo."""
+    return {k: summary[k]["sigma_wm_mean"] for k in ("regression", "diffusion", "expa-2", "expa-6")}
+
+
 def test_noise_levels_follow_the_paper(demo):
     """Regression is far smoother than the acquired image and no noisier than the noise-free
     one; diffusion is noisier than regression; ExpA's noise falls as N_Ex grows."""
     _, s = demo
-    sigma = {k: s[k]["sigma_wm_mean"] for k in ("regression", "diffusion", "expa-2", "expa-6")}
+    sigma = _sigma_wm(s)
     assert all(math.isfinite(v) for v in sigma.values())
     assert sigma["regression"] < 0.5 * s["acquired"]["sigma_wm_mean"]
     assert sigma["regression"] <= s["clean"]["sigma_wm_mean"]
@@ -97,7 +102,7 @@ def test_noise_levels_follow_the_paper(demo):
 )
 def test_diffusion_noise_is_well_above_regression_and_expa_lies_between(demo):
     _, s = demo
-    sigma = {k: s[k]["sigma_wm_mean"] for k in ("regression", "diffusion", "expa-2", "expa-6")}
+    sigma = _sigma_wm(s)
     assert sigma["diffusion"] > 1.25 * sigma["regression"]
     assert sigma["regression"] < sigma["expa-6"] < sigma["expa-2"] < sigma["diffusion"]
 
