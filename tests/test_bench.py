@@ -147,7 +147,7 @@ def test_expa_batch_equals_trajectories_of_its_own_chunks(net):
     gen = torch.Generator().manual_seed(1)
     cond = torch.rand((2, 8, 8, 6), generator=gen) * 2 - 1
     den = VolumeDenoiser(net, make_schedule(), "v", cond, batch_size=16)
-    steps = sampling.timesteps_strided(1000, 3)
+    steps = sampling.timesteps_preview(make_schedule(), 3)
     sched = make_schedule()
     a = sampling.expa(den, (8, 8, 6), sched, n_ex=1, timesteps=steps, generator=gen.manual_seed(3))
     b = sampling.diffusion(den, (8, 8, 6), sched, timesteps=steps, generator=gen.manual_seed(3))

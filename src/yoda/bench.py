@@ -633,7 +633,7 @@ class _Bench:
         from yoda.diffusion import sampling
 
         k, n_ex = self.cfg["expa_steps"], self.cfg["n_ex"]
-        steps = sampling.timesteps_strided(self.sched.T, k)
+        steps = sampling.timesteps_preview(self.sched, k)
         den = self.denoiser(self.model, self.cond)
 
         def batched() -> None:

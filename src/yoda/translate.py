@@ -277,7 +277,8 @@ class Translator:
             Regression: the views predicted and averaged (default all three). Diffusion and
             ExpA: "all" is orthogonal denoising, one view name a fixed view.
         steps : None/"truncated", "full", or an int
-            Diffusion timesteps: truncated (default), full, or a strided preview of k steps.
+            Diffusion timesteps: truncated (default), full, or a preview of k steps evenly
+            spaced in log-SNR (:func:`yoda.diffusion.sampling.timesteps_preview`).
         slice_correction : {"none", "gamma", "linear", "simple"}
             Generalized gamma homogenization of axial slices (Eq. 12-13).
         mask : path, image or (array, affine), optional
@@ -400,7 +401,7 @@ class Translator:
     def _nfe_plan(self, mode: str, views: tuple[str, ...], n_ex: int, steps: Any) -> int:
         if mode == "regression":
             return len(views)
-        return len(sampling.timesteps_for(self.schedule.T, steps))
+        return len(sampling.timesteps_for(self.schedule, steps))
 
     def _to_output(self, image: torch.Tensor, prep: PreparedSubject, correction: str) -> np.ndarray:
         x255 = from_network(image.float().clamp(-1.0, 1.0)).cpu().numpy()

@@ -13,7 +13,7 @@ from yoda.diffusion.sampling import (
     sample,
     timesteps_for,
     timesteps_full,
-    timesteps_strided,
+    timesteps_preview,
     timesteps_truncated,
 )
 from yoda.diffusion.schedule import make_schedule, q_sample
@@ -84,27 +84,45 @@ def test_timesteps_full() -> None:
     assert timesteps_full(1) == [0]
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize(("T", "k"), [(1000, 2), (1000, 6), (1000, 50), (1000, 251), (20, 4)])
-def test_timesteps_strided(T: int, k: int) -> None:
-    ts = timesteps_strided(T, k)
+def test_timesteps_preview(kind: str, T: int, k: int) -> None:
+    ts = timesteps_preview(make_schedule(kind, T), k)
     assert len(ts) == k
     assert ts[0] == T - 1 and ts[-1] == 0
     assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
     assert set(ts) <= set(timesteps_truncated(T))
-    if k > 2:
-        gaps = [a - b for a, b in zip(ts[1:], ts[2:], strict=False)]
-        assert max(gaps) - min(gaps) <= 1  # evenly strided
 
 
-def test_timesteps_strided_limits() -> None:
-    assert timesteps_strided(1000, 1) == [999]
-    assert timesteps_strided(1000, 251) == timesteps_truncated(1000)
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("k", [4, 5, 8])
+def test_timesteps_preview_are_evenly_spaced_in_log_snr(kind: str, k: int) -> None:
+    """Each step is the timestep whose log-SNR lies nearest to k-1 evenly spaced values from
+    t = 249 to t = 0; so the steps crowd towards t = 0, unlike even strides."""
+    sched = make_schedule(kind, 1000)
+    ab = sched.alpha_bar[:250]
+    log_snr = torch.log(ab / (1 - ab))
+    ts = timesteps_preview(sched, k)[1:]
+    targets = torch.linspace(float(log_snr[249]), float(log_snr[0]), k - 1, dtype=torch.float64)
+    for t, target in zip(ts, targets, strict=True):
+        assert abs(log_snr[t] - target) == (log_snr - target).abs().min()
+    gaps = [a - b for a, b in zip(ts, ts[1:], strict=False)]
+    assert gaps == sorted(gaps, reverse=True) and gaps[0] > 2 * gaps[-1]
+
+
+def test_timesteps_preview_limits() -> None:
+    sched = make_schedule("linear", 1000)
+    assert timesteps_preview(sched, 1) == [999]
+    assert timesteps_preview(sched, 2) == [999, 0]
+    assert timesteps_preview(sched, 251) == timesteps_truncated(1000)
+    # where log-SNR is flat, the nearest timesteps repeat; they are kept distinct
+    assert timesteps_preview(make_schedule("linear", 20), 6) == [19, 4, 3, 2, 1, 0]
     with pytest.raises(ConfigError):
-        timesteps_strided(1000, 252)
+        timesteps_preview(sched, 252)
     with pytest.raises(ConfigError):
-        timesteps_strided(1000, 0)
+        timesteps_preview(sched, 0)
     with pytest.raises(ConfigError):
-        timesteps_strided(3, 2)  # T // 4 = 0 leaves only t = T-1
+        timesteps_preview(make_schedule("linear", 3), 2)  # T // 4 = 0 leaves only t = T-1
 
 
 @pytest.mark.parametrize(
@@ -113,20 +131,20 @@ def test_timesteps_strided_limits() -> None:
         (None, timesteps_truncated(100)),
         ("truncated", timesteps_truncated(100)),
         ("full", timesteps_full(100)),
-        (5, timesteps_strided(100, 5)),
-        ("5", timesteps_strided(100, 5)),
+        (5, timesteps_preview(make_schedule("linear", 100), 5)),
+        ("5", timesteps_preview(make_schedule("linear", 100), 5)),
         (1, [99]),
         ([99, 10, 0], [99, 10, 0]),
     ],
 )
 def test_timesteps_for(steps, expected: list[int]) -> None:
-    assert timesteps_for(100, steps) == expected
+    assert timesteps_for(make_schedule("linear", 100), steps) == expected
 
 
 @pytest.mark.parametrize("steps", ["fast", 0, -2, True, [100], [], [3.5]])
 def test_timesteps_for_errors(steps) -> None:
     with pytest.raises(ConfigError):
-        timesteps_for(100, steps)
+        timesteps_for(make_schedule("linear", 100), steps)
 
 
 # ----------------------------------------------------------------------------- oracles
@@ -366,7 +384,7 @@ def test_callback_sees_every_step() -> None:
         assert torch.equal(x0_hat, truth.clamp(-1, 1)[None])
 
     diffusion(Oracle(truth), SHAPE, make_schedule("linear", 20), timesteps=5, callback=callback)
-    assert seen == list(enumerate(timesteps_strided(20, 5)))
+    assert seen == list(enumerate(timesteps_preview(make_schedule("linear", 20), 5)))
 
 
 def test_sample_batch_shape_and_bad_denoiser() -> None:

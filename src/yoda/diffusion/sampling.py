@@ -91,14 +91,19 @@ def timesteps_truncated(T: int, t_trunc: int | None = None) -> list[int]:
     return [T - 1, *range(t_trunc - 1, -1, -1)]
 
 
-def timesteps_strided(T: int, k: int, t_trunc: int | None = None) -> list[int]:
-    """``k`` evaluations: ``T-1``, then ``k-1`` evenly spaced steps of the truncated range.
+def timesteps_preview(sched: Schedule, k: int, t_trunc: int | None = None) -> list[int]:
+    """``k`` evaluations: ``T-1``, then ``k-1`` steps of the truncated range, evenly spaced in
+    log-SNR.
 
-    The strided steps run from ``t_trunc - 1`` down to 0 (``t_trunc`` defaults to ``T // 4``),
-    always ending at 0; ``k = 1`` is the single step ``[T-1]`` and ``k = t_trunc + 1`` gives
+    The steps run from ``t_trunc - 1`` down to 0 (``t_trunc`` defaults to ``T // 4``); each is
+    the timestep whose ``log(alpha_bar / (1 - alpha_bar))`` lies nearest to evenly spaced
+    values between those of the two ends, kept distinct. So a few steps still visit the low
+    noise levels where the truncated sampler lays down the target's noise texture; even strides
+    in ``t`` would leave the last step at ``t_trunc / (k - 2)``. ``k = 1`` is the single step
+    ``[T-1]``, ``k = 2`` is ``[T-1, 0]`` and ``k = t_trunc + 1`` gives
     :func:`timesteps_truncated`.
     """
-    T = _check_T(T)
+    T = _check_T(sched.T)
     t_trunc = _check_t_trunc(T, t_trunc)
     if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
         raise ConfigError(f"number of sampling steps must be a positive integer, got {k!r}")
@@ -112,21 +117,27 @@ def timesteps_strided(T: int, k: int, t_trunc: int | None = None) -> list[int]:
         return [T - 1]
     if m == 1:
         return [T - 1, 0]
-    top = t_trunc - 1
-    # round(j * top / (m - 1)) in exact integer arithmetic; the spacing is >= 1, so distinct
-    strided = [(2 * j * top + (m - 1)) // (2 * (m - 1)) for j in range(m)]
-    return [T - 1, *reversed(strided)]
+    ab = sched.alpha_bar[:t_trunc]
+    log_snr = torch.log(ab) - torch.log1p(-ab)
+    targets = torch.linspace(float(log_snr[-1]), float(log_snr[0]), m, dtype=torch.float64)
+    nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    # `nearest` runs from t_trunc - 1 down to 0 but may repeat a timestep where log-SNR is flat;
+    # step j keeps below step j-1 and leaves room for the m-1-j steps after it
+    steps = [t_trunc - 1]
+    for j, t in enumerate(nearest[1:], start=1):
+        steps.append(max(min(t, steps[-1] - 1), m - 1 - j))
+    return [T - 1, *steps]
 
 
-def timesteps_for(T: int, steps: Steps = None) -> list[int]:
+def timesteps_for(sched: Schedule, steps: Steps = None) -> list[int]:
     """Map a user option to a timestep list.
 
     ``None`` or ``"truncated"``: :func:`timesteps_truncated`; ``"full"``:
-    :func:`timesteps_full`; an int ``k`` (or its decimal string): :func:`timesteps_strided`
+    :func:`timesteps_full`; an int ``k`` (or its decimal string): :func:`timesteps_preview`
     with ``k`` evaluations (``k = 1`` is the single regression-like step ``t = T-1``); a
     sequence of ints is validated and returned as a list.
     """
-    T = _check_T(T)
+    T = _check_T(sched.T)
     if steps is None or steps == "truncated":
         return timesteps_truncated(T)
     if steps == "full":
@@ -138,7 +149,7 @@ def timesteps_for(T: int, steps: Steps = None) -> list[int]:
             )
         steps = int(steps)
     if isinstance(steps, Integral) and not isinstance(steps, bool):
-        return timesteps_strided(T, int(steps))
+        return timesteps_preview(sched, int(steps))
     return _check_timesteps(T, steps)
 
 
@@ -375,7 +386,7 @@ def regression(
 
 def _resolve_steps(sched: Schedule, timesteps: Steps) -> list[int]:
     if timesteps is None or isinstance(timesteps, (str, Integral)):
-        return timesteps_for(sched.T, timesteps)
+        return timesteps_for(sched, timesteps)
     return _check_timesteps(sched.T, timesteps)
 
 
