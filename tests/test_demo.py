@@ -11,7 +11,14 @@ import pytest
 from yoda.cli import main
 from yoda.data.io import load_image
 from yoda.data.manifest import read_manifest
-from yoda.demo import DEMO_SEED, bundled_model_dir, format_summary, methods_for, run_demo
+from yoda.demo import (
+    DEMO_SEED,
+    PREVIEW_STEPS,
+    bundled_model_dir,
+    format_summary,
+    methods_for,
+    run_demo,
+)
 from yoda.evaluate.metrics import lesion_cnr
 from yoda.model.checkpoint import load_model
 
@@ -33,13 +40,12 @@ def test_demo_methods_are_the_papers_modes():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo at reduced size: its first default subject (about 11 ml of lesions), a 4-step
-    preview, ExpA with 2 and 6 samples."""
+    """The demo at reduced size: its first default subject (about 11 ml of lesions), its
+    5-step diffusion preview, ExpA with 2 and 6 samples."""
     out = tmp_path_factory.mktemp("demo")
     res = run_demo(
         out,
         subjects=1,
-        steps=4,
         expa_sizes=(2, 6),
         progress=False,
         log=lambda _: None,
@@ -55,7 +61,7 @@ def test_demo_writes_a_report_with_every_method(demo):
         assert method in summary and method in html
     assert "strided preview" in html
     sidecars = sorted((res.out_dir / "predictions" / "diffusion").glob("*.json"))
-    assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [4]
+    assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [PREVIEW_STEPS]
     table = format_summary(res.summary)
     assert table.splitlines()[0].split()[0] == "method" and "regression" in table
 
@@ -82,29 +88,27 @@ def _sigma_wm(summary: dict) -> dict[str, float]:
     return {k: summary[k]["sigma_wm_mean"] for k in ("regression", "diffusion", "expa-2", "expa-6")}
 
 
-def test_noise_levels_follow_the_paper(demo):
+def test_regression_is_smooth(demo):
     """Regression is far smoother than the acquired image and no noisier than the noise-free
-    one; diffusion is noisier than regression; ExpA's noise falls as N_Ex grows."""
+    one."""
     _, s = demo
     sigma = _sigma_wm(s)
     assert all(math.isfinite(v) for v in sigma.values())
     assert sigma["regression"] < 0.5 * s["acquired"]["sigma_wm_mean"]
     assert sigma["regression"] <= s["clean"]["sigma_wm_mean"]
-    assert sigma["diffusion"] > sigma["regression"]
-    assert sigma["expa-6"] < sigma["expa-2"] < sigma["diffusion"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a strided preview replicates little noise: on this subject the 4-step diffusion "
-    "sample is only 15 % noisier than regression and ExpA-2 already reaches regression's noise "
-    "level (the 251-step sampler, too slow for the suite, is 1.9 x noisier)",
-)
-def test_diffusion_noise_is_well_above_regression_and_expa_lies_between(demo):
+def test_diffusion_noise_is_well_above_regression_and_expa_approaches_it(demo):
+    """Diffusion replicates the acquisition noise: its white-matter noise is well above
+    regression's. ExpA-2 lies between the two; ExpA-6 comes within 10 % of regression's
+    (the mean of many samples is the model's posterior mean, which regression estimates in
+    one step, so ExpA may end a little above or below it)."""
     _, s = demo
     sigma = _sigma_wm(s)
     assert sigma["diffusion"] > 1.25 * sigma["regression"]
-    assert sigma["regression"] < sigma["expa-6"] < sigma["expa-2"] < sigma["diffusion"]
+    assert sigma["regression"] < sigma["expa-2"] < sigma["diffusion"]
+    assert abs(sigma["expa-6"] - sigma["regression"]) < 0.1 * sigma["regression"]
+    assert abs(sigma["expa-6"] - sigma["regression"]) < sigma["expa-2"] - sigma["regression"]
 
 
 def test_lesions_stand_out_in_the_regression_output(demo):

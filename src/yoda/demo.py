@@ -20,7 +20,8 @@ from yoda.errors import ConfigError, ModelError
 BUNDLED_MODEL = "phantom-flair"
 #: ExpA sample counts run by the demo.
 EXPA_SIZES = (4, 10)
-#: Diffusion timesteps of the demo's strided preview (``full=True``: the paper's 251).
+#: Diffusion timesteps of the demo's preview, evenly spaced in log-SNR (``full=True``: the
+#: paper's 251).
 PREVIEW_STEPS = 5
 #: Seed of the demo's phantom subjects (and of its sampling).
 DEMO_SEED = 2024
@@ -89,9 +90,10 @@ def run_demo(
     voxel_size : float
         Phantom voxel size in mm (the bundled model was trained at 3 mm).
     full : bool
-        Run the paper's truncated sampler (251 NFE) instead of the strided preview.
+        Run the paper's truncated sampler (251 NFE) instead of the preview.
     steps : int, optional
-        Timesteps of the strided preview (default :data:`PREVIEW_STEPS`).
+        Timesteps of the preview (default :data:`PREVIEW_STEPS`), chosen by
+        :func:`yoda.diffusion.sampling.timesteps_preview`.
     train : bool
         Train a tiny model from scratch (``train_steps`` steps) instead of the bundled one.
     model_dir : path, optional

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from yoda.demo import DEMO_SEED
+from yoda.demo import DEMO_SEED, PREVIEW_STEPS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Simulates fresh phantom subjects (T1w, T2w, FLAIR with a known noise-free truth), "
             "translates T1w + T2w -> FLAIR with the bundled model by regression, diffusion and "
             "ExpA (N_Ex = 4 and 10), evaluates every mode and writes an HTML report. Diffusion "
-            "uses a strided preview of the timesteps unless --full is given."
+            "uses a short preview of the timesteps (evenly spaced in log-SNR) unless --full is "
+            "given."
         ),
     )
     p.add_argument("--out", default="yoda-demo", help="output folder (default: ./yoda-demo)")
@@ -25,7 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--full", action="store_true", help="the paper's truncated sampler (251 NFE per sample)"
     )
-    p.add_argument("--steps", type=int, default=None, help="timesteps of the strided preview")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timesteps of the preview (default {PREVIEW_STEPS})",
+    )
     p.add_argument("--train", action="store_true", help="train a tiny model from scratch instead")
     p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--model", default=None, help="use this model directory instead")
