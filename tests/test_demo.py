@@ -128,3 +128,26 @@ def test_demo_cli_rejects_bad_options(capsys):
     assert main(["demo", "--subjects", "0", "--out", "unused"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--subjects" in err[0]
+
+
+def test_demo_trains_from_scratch_and_runs_the_full_sampler(tmp_path):
+    """``--train`` replaces the bundled model by one trained on the demo's own training
+    subjects; ``--full`` runs the paper's 251-step truncated sampler."""
+    res = run_demo(
+        tmp_path,
+        subjects=1,
+        voxel_size=8.0,
+        train=True,
+        train_steps=3,
+        full=True,
+        expa_sizes=(),
+        progress=False,
+        log=lambda _: None,
+    )
+    assert res.model_dir.is_relative_to(tmp_path / "train")
+    _, card = load_model(res.model_dir)
+    assert card.steps == 3 and card.training["subjects"] == 4
+    sidecars = sorted((res.out_dir / "predictions" / "diffusion").glob("*.json"))
+    assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [251]
+    assert "strided preview" not in res.report.read_text()
+    assert {e["method"] for e in res.summary} >= {"regression", "diffusion"}
