@@ -188,6 +188,20 @@ def test_force_translates_finished_subjects_again(tmp_path):
     assert first.done == ["a", "b"] and again.skipped == ["a", "b"] and forced.done == ["a", "b"]
 
 
+def test_warnings_of_finished_subjects_are_collected(tmp_path):
+    class Warns(StubTranslator):
+        def translate(self, sources, **options):
+            res = super().translate(sources, **options)
+            if len(self.calls) == 2:
+                res.info["warnings"] = ["voxel size 1 x 1 x 1 mm is unlike the model's"]
+            return res
+
+    result = translate_cohort(Warns(), stub_manifest(tmp_path, ["a", "b", "c"]), split="test",
+                              out_dir=tmp_path / "o", options={}, progress=False)  # fmt: skip
+    assert result.done == ["a", "b", "c"]
+    assert result.warnings == {"b": ["voxel size 1 x 1 x 1 mm is unlike the model's"]}
+
+
 def test_empty_split_is_an_error(tmp_path):
     with pytest.raises(InputError, match="no subjects in split 'val'"):
         translate_cohort(StubTranslator(), stub_manifest(tmp_path, ["a"]), split="val",

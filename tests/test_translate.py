@@ -18,7 +18,7 @@ from yoda.data import io
 from yoda.diffusion import sampling
 from yoda.errors import ModelError
 from yoda.model.checkpoint import read_card
-from yoda.translate import Translator
+from yoda.translate import Translator, domain_warnings
 from yoda.volume.views import VIEWS
 
 
@@ -304,3 +304,48 @@ def test_the_network_sees_the_training_canvas(tiny_model, sources, tmp_path):
     (bad / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="slab_size"):
         Translator.load(bad, device="cpu")
+    card["training"]["slab_size"] = [80, 80]
+    card["training"]["voxel_sizes"] = [3.0, 3.0, 3.0]
+    (bad / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="voxel_sizes"):
+        Translator.load(bad, device="cpu")
+
+
+def test_domain_warnings_name_voxel_sizes_and_slices_unlike_training():
+    trained = {"trained_voxel_sizes": [(1.0, 1.0, 1.0), (3.0, 3.0, 3.0)], "canvas": (80, 80)}
+    assert domain_warnings((3.6, 2.4, 3.0), (60, 70, 50), **trained) == []
+    (voxel,) = domain_warnings((3.0, 3.0, 4.0), (60, 70, 50), **trained)
+    assert voxel.startswith("voxel size 3 x 3 x 4 mm") and "1 x 1 x 1, 3 x 3 x 3 mm" in voxel
+    # slices in canonical axes: axial (x, y), coronal (x, z), sagittal (y, z)
+    axial, coronal = domain_warnings((1.0, 1.0, 1.0), (90, 70, 50), **trained)
+    assert axial.startswith("axial slices") and "(90 x 70 voxels)" in axial
+    assert coronal.startswith("coronal slices") and "(90 x 50 voxels)" in coronal
+    assert domain_warnings((1.0, 1.0, 1.0), (90, 70, 50), ["sagittal"], **trained) == []
+    assert domain_warnings((0.5, 0.5, 9.0), (300, 300, 300)) == []  # the card says nothing
+
+
+def test_translation_unlike_the_training_data_is_flagged(tiny_model, sources, tmp_path, capsys):
+    """The tiny model was trained at 4 mm: the same images labelled 2 mm get a warning on
+    stderr and in the sidecar, and the translation still succeeds."""
+    assert read_card(tiny_model).training["voxel_sizes"] == [[4.0, 4.0, 4.0]]
+    out = tmp_path / "flair.nii.gz"
+    assert _cli(tiny_model, sources, out, "--views", "axial") == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads(out.with_suffix("").with_suffix(".json").read_text())["warnings"] == []
+
+    relabelled = {}
+    for name, path in sources.items():
+        img = nib.load(path)
+        affine = img.affine.copy()
+        affine[:3, :3] /= 2
+        relabelled[name] = tmp_path / f"{name}_2mm.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), relabelled[name])
+    out2 = tmp_path / "flair_2mm.nii.gz"
+    assert _cli(tiny_model, relabelled, out2, "--views", "axial") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "yoda translate: warning: voxel size 2 x 2 x 2 mm is unlike the model's training data "
+        "(4 x 4 x 4 mm); the output may be unreliable"
+    ]
+    sidecar = json.loads(out2.with_suffix("").with_suffix(".json").read_text())
+    assert sidecar["warnings"] == [err[0].removeprefix("yoda translate: warning: ")]

@@ -16,12 +16,14 @@ from yoda.errors import InputError, YodaError
 
 @dataclass
 class CohortResult:
-    """What a batch translation did: finished, skipped and failed subjects (id -> reason)."""
+    """What a batch translation did: finished, skipped and failed subjects (id -> reason), and
+    the :func:`yoda.translate.domain_warnings` of finished ones."""
 
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
 
 def output_path(out_dir: str | os.PathLike, subject_id: str, target: str) -> Path:
@@ -170,6 +172,8 @@ def translate_cohort(
                 res.info["subject"] = subject.id
                 res.save(path, dtype=dtype, overwrite=True, extras=extras)
                 result.done.append(subject.id)
+                if res.info.get("warnings"):
+                    result.warnings[subject.id] = res.info["warnings"]
             except YodaError as exc:
                 result.failed[subject.id] = str(exc)
     return result

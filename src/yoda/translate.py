@@ -37,10 +37,55 @@ from yoda.errors import ConfigError, InputError
 from yoda.model.checkpoint import ModelCard, load_model
 from yoda.model.denoiser import VolumeDenoiser, compile_network
 from yoda.volume.gamma import GAMMA_METHODS, slice_correction
-from yoda.volume.views import VIEWS
+from yoda.volume.views import VIEW_AXIS, VIEWS
 
 MODES = ("regression", "diffusion", "expa")
 VIEW_CHOICES = (*VIEWS, "all")
+#: Relative difference, on any axis, beyond which a voxel size counts as unlike the training's.
+VOXEL_SIZE_TOLERANCE = 0.25
+
+
+def domain_warnings(
+    voxel_size: Sequence[float],
+    roi_shape: Sequence[int],
+    views: Sequence[str] = VIEWS,
+    *,
+    trained_voxel_sizes: Sequence[Sequence[float]] = (),
+    canvas: Sequence[int] | None = None,
+) -> list[str]:
+    """How an input lies outside what the model saw in training (empty list: nothing).
+
+    Two things are checked: the voxel size (canonical axes, mm) against every training voxel
+    size (a model card's ``training.voxel_sizes``), within :data:`VOXEL_SIZE_TOLERANCE` on
+    each axis; and, in each view, the in-plane size of the slices of the ROI (shape in
+    canonical axes) against the training slabs' (``canvas``, the card's
+    ``training.slab_size``), beyond which the network sees slices larger than any it was
+    trained on. Unknown training figures are not checked.
+    """
+    notes = []
+    trained = [tuple(t) for t in trained_voxel_sizes]
+    if trained and not any(
+        all(abs(a - b) <= VOXEL_SIZE_TOLERANCE * b for a, b in zip(voxel_size, t, strict=True))
+        for t in trained
+    ):
+        notes.append(
+            f"voxel size {_mm(voxel_size)} mm is unlike the model's training data "
+            f"({', '.join(_mm(t) for t in trained)} mm); the output may be unreliable"
+        )
+    if canvas is not None:
+        for view in views:
+            plane = [int(n) for i, n in enumerate(roi_shape) if i != VIEW_AXIS[view]]
+            if plane[0] > canvas[0] or plane[1] > canvas[1]:
+                notes.append(
+                    f"{view} slices of the brain region ({plane[0]} x {plane[1]} voxels) exceed "
+                    f"the model's training slabs ({canvas[0]} x {canvas[1]}); the output may be "
+                    "unreliable"
+                )
+    return notes
+
+
+def _mm(size: Sequence[float]) -> str:
+    return " x ".join(f"{v:.3g}" for v in size)
 
 
 @dataclass
@@ -206,7 +251,9 @@ class Translator:
         self.batch_size = int(batch_size)
         self.schedule = make_schedule(card.schedule, card.T)
         self.model_dir = model_dir
-        self.canvas = card.slab_size  # the training slabs' in-plane size, if the card says
+        # what the card says of the training data (each checked here, at load)
+        self.canvas = card.slab_size
+        self.voxel_sizes = card.voxel_sizes
 
     @classmethod
     def load(
@@ -369,6 +416,13 @@ class Translator:
             "device": str(self.device),
             "seconds": round(time.perf_counter() - start, 3),
             "yoda_version": __version__,
+            "warnings": domain_warnings(
+                prep.geometry.voxel_size,
+                shape,
+                view_names,
+                trained_voxel_sizes=self.voxel_sizes,
+                canvas=self.canvas,
+            ),
         }
         return Translation(image=out, geometry=prep.geometry, info=info, samples=samples, std=std)
 

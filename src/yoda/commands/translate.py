@@ -169,6 +169,8 @@ def _run_one(args, translator, options, sources) -> int:
     path = res.save(args.out, dtype=args.dtype, overwrite=args.force, extras=args.save_samples)
     info = res.info
     print(f"wrote {path} ({info['mode']}, NFE {info['nfe']}, {info['seconds']:.1f} s)")
+    for warning in info["warnings"]:
+        print(f"yoda translate: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -193,6 +195,9 @@ def _run_batch(args, translator, options) -> int:
         f"translated {len(result.done)}, skipped {len(result.skipped)} already done, "
         f"{len(result.busy)} busy in another run, {len(result.failed)} failed -> {args.out_dir}"
     )
+    for sid, warnings in result.warnings.items():
+        for warning in warnings:
+            print(f"  warning {sid}: {warning}", file=sys.stderr)
     for sid, reason in result.failed.items():
         print(f"  failed {sid}: {reason}", file=sys.stderr)
     return 1 if result.failed else 0

@@ -131,6 +131,23 @@ class ModelCard:
             raise ModelError(f"model card: training.slab_size must be [H, W], got {size!r}")
         return (size[0], size[1])
 
+    @property
+    def voxel_sizes(self) -> list[tuple[float, float, float]]:
+        """Voxel sizes (mm, canonical axes) of the training images; empty where the card does
+        not say."""
+        sizes = self.training.get("voxel_sizes") or []
+        ok = isinstance(sizes, list) and all(
+            isinstance(v, (list, tuple))
+            and len(v) == 3
+            and all(isinstance(z, (int, float)) and not isinstance(z, bool) and z > 0 for z in v)
+            for v in sizes
+        )
+        if not ok:
+            raise ModelError(
+                f"model card: training.voxel_sizes must be [[x, y, z], ...], got {sizes!r}"
+            )
+        return [(float(v[0]), float(v[1]), float(v[2])) for v in sizes]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dictionary."""
         return dataclasses.asdict(self)
