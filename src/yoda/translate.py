@@ -363,6 +363,13 @@ class Translator:
         )
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         shape = tuple(prep.data.shape[1:])
+        warnings = domain_warnings(
+            prep.geometry.voxel_size,
+            shape,
+            view_names,
+            trained_voxel_sizes=self.voxel_sizes,
+            canvas=self.canvas,
+        )
         n_total = self._nfe_plan(mode, view_names, n_ex, steps)
 
         def callback(k: int, _t: int, _x0: torch.Tensor) -> None:
@@ -416,13 +423,7 @@ class Translator:
             "device": str(self.device),
             "seconds": round(time.perf_counter() - start, 3),
             "yoda_version": __version__,
-            "warnings": domain_warnings(
-                prep.geometry.voxel_size,
-                shape,
-                view_names,
-                trained_voxel_sizes=self.voxel_sizes,
-                canvas=self.canvas,
-            ),
+            "warnings": warnings,
         }
         return Translation(image=out, geometry=prep.geometry, info=info, samples=samples, std=std)
 
