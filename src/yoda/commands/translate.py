@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--steps",
         type=_steps,
         default=None,
-        help="diffusion timesteps: truncated (default, 251 at T=1000), full, or a number",
+        help="diffusion timesteps: truncated (default, 251 at T=1000), full, or a number N "
+        "(a preview: T-1, then N-1 steps evenly spaced in log-SNR)",
     )
     p.add_argument("--slice-correction", choices=CORRECTIONS, default="none")
     p.add_argument("--mask", help="brain mask (default: automatic foreground mask)")
