@@ -110,12 +110,24 @@ def test_timesteps_preview_are_evenly_spaced_in_log_snr(kind: str, k: int) -> No
     assert gaps == sorted(gaps, reverse=True) and gaps[0] > 2 * gaps[-1]
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("T", [8, 20, 100, 1000])
+def test_timesteps_preview_every_k_is_a_valid_subset(kind: str, T: int) -> None:
+    sched = make_schedule(kind, T)
+    for k in range(2, T // 4 + 2):
+        ts = timesteps_preview(sched, k)
+        assert len(ts) == k and ts[0] == T - 1 and ts[-1] == 0
+        assert all(a > b for a, b in zip(ts[1:], ts[2:], strict=False))
+        assert k == 2 or ts[1] == T // 4 - 1
+
+
 def test_timesteps_preview_limits() -> None:
     sched = make_schedule("linear", 1000)
     assert timesteps_preview(sched, 1) == [999]
     assert timesteps_preview(sched, 2) == [999, 0]
     assert timesteps_preview(sched, 251) == timesteps_truncated(1000)
-    # where log-SNR is flat, the nearest timesteps repeat; they are kept distinct
+    # near t = 0 log-SNR jumps by more than the target spacing, so nearest timesteps repeat;
+    # they are kept distinct
     assert timesteps_preview(make_schedule("linear", 20), 6) == [19, 4, 3, 2, 1, 0]
     with pytest.raises(ConfigError):
         timesteps_preview(sched, 252)

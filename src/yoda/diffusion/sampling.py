@@ -121,12 +121,13 @@ def timesteps_preview(sched: Schedule, k: int, t_trunc: int | None = None) -> li
     log_snr = torch.log(ab) - torch.log1p(-ab)
     targets = torch.linspace(float(log_snr[-1]), float(log_snr[0]), m, dtype=torch.float64)
     nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
-    # `nearest` runs from t_trunc - 1 down to 0 but may repeat a timestep where log-SNR is flat;
-    # step j keeps below step j-1 and leaves room for the m-1-j steps after it
-    steps = [t_trunc - 1]
-    for j, t in enumerate(nearest[1:], start=1):
-        steps.append(max(min(t, steps[-1] - 1), m - 1 - j))
-    return [T - 1, *steps]
+    # `nearest` runs from t_trunc - 1 down to 0, but near t = 0, where log-SNR changes by more
+    # than the target spacing per timestep, it may repeat a timestep. Going up from t = 0,
+    # step j keeps above step j+1 and leaves room for the j steps before it.
+    steps = [0]
+    for j in range(m - 2, -1, -1):
+        steps.append(min(max(nearest[j], steps[-1] + 1), t_trunc - 1 - j))
+    return [T - 1, *reversed(steps)]
 
 
 def timesteps_for(sched: Schedule, steps: Steps = None) -> list[int]:
