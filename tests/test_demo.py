@@ -59,7 +59,7 @@ def test_demo_writes_a_report_with_every_method(demo):
     html = res.report.read_text()
     for method in ("regression", "diffusion", "expa-2", "expa-6"):
         assert method in summary and method in html
-    assert "strided preview" in html
+    assert "(short preview)" in html
     sidecars = sorted((res.out_dir / "predictions" / "diffusion").glob("*.json"))
     assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [PREVIEW_STEPS]
     table = format_summary(res.summary)
@@ -149,5 +149,5 @@ def test_demo_trains_from_scratch_and_runs_the_full_sampler(tmp_path):
     assert card.steps == 3 and card.training["subjects"] == 4
     sidecars = sorted((res.out_dir / "predictions" / "diffusion").glob("*.json"))
     assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [251]
-    assert "strided preview" not in res.report.read_text()
+    assert "(short preview)" not in res.report.read_text()
     assert {e["method"] for e in res.summary} >= {"regression", "diffusion"}

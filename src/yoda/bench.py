@@ -18,7 +18,7 @@ Figures (targets on a 2-core CPU in brackets):
     and slab sizes, on pre-built input tensors (<= 1.10).
 ``expa_batching``
     ExpA with N_Ex = 4 trajectories run as one batch divided by 4 x one diffusion trajectory
-    over the same strided timesteps (<= 0.9).
+    over the same preview timesteps (<= 0.9).
 ``train_step_overhead``
     A full training step (slabs from the sampler over a prepared cache, noising, forward,
     backward, optimizer, EMA) divided by forward + backward on the same batch (<= 1.15).

@@ -135,13 +135,13 @@ def test_downstream_segmentation_matches_the_rule_and_volumes(ev, cohort):
         assert ev.lesion_volumes["acquired"][s.id] == pytest.approx(seg_acq.sum() * voxel_ml)
 
 
-def test_time_nfe_and_strided_diffusion_note_come_from_sidecars(ev):
+def test_time_nfe_and_diffusion_preview_note_come_from_sidecars(ev):
     assert _row(ev, "sub-000", "regression")["nfe"] == 3
     assert _row(ev, "sub-001", "diffusion")["time_s"] == 3.0
     summary = {e["method"]: e for e in ev.summary}
     assert summary["diffusion"]["nfe"] == 26
     assert summary["regression"]["time_s_mean"] == pytest.approx(2.5)
-    assert any("diffusion used 26 timesteps (strided preview)" in n for n in ev.notes)
+    assert any("diffusion used 26 timesteps (short preview)" in n for n in ev.notes)
     assert any(n.startswith("FID skipped") for n in ev.notes)
     assert ev.fid == {}
 

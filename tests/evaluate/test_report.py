@@ -158,11 +158,11 @@ def test_page_text_comes_from_the_data(report):
         h.startswith(f"Lowest mean noise level σ_WM among the methods: {lowest}")
         for h in highlights(ev)
     )
-    # the strided diffusion runs are stated plainly
+    # the diffusion previews are stated plainly
     assert (
-        "diffusion: diffusion used 11 timesteps (strided preview), not the paper&#x27;s 251" in page
+        "diffusion: diffusion used 11 timesteps (short preview), not the paper&#x27;s 251" in page
     )
-    assert "expa-4: diffusion used 11 timesteps (strided preview)" in page
+    assert "expa-4: diffusion used 11 timesteps (short preview)" in page
     # missing predictions and the skipped FID are reported
     overview = _sections(page)["overview"]
     assert "sub-002" in overview and "Missing predictions" in overview

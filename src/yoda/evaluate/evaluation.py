@@ -72,6 +72,8 @@ PRED_SUFFIXES = (".nii.gz", ".nii")
 WM_TISSUE_LABEL = 3
 WMH_TISSUE_LABEL = 4
 TRUNCATED_PAPER = 251
+#: How a note names a diffusion run with fewer timesteps than the truncated sampler.
+PREVIEW_LABEL = "short preview"
 """Timesteps of the paper's truncated diffusion sampler at T = 1000."""
 _MODE_RANK = {"regression": 0, "expa": 1, "diffusion": 2}
 
@@ -232,7 +234,7 @@ def _recorded_T(sidecar: Mapping[str, Any]) -> int | None:
 
 
 def _describe(method: MethodPredictions) -> tuple[str, str | None]:
-    """One line on how a method was run, and a warning when diffusion was strided."""
+    """One line on how a method was run, and a warning when diffusion was a short preview."""
     sides = [s for s in method.sidecars.values() if s]
     if not sides:
         return "no sidecars: mode, time and NFE unknown", None
@@ -267,10 +269,10 @@ def _describe(method: MethodPredictions) -> tuple[str, str | None]:
                     else f"the truncated sampler's {truncated} at T = {T}"
                 )
                 warning = (
-                    f"{method.name}: diffusion used {k} timesteps (strided preview), "
+                    f"{method.name}: diffusion used {k} timesteps ({PREVIEW_LABEL}), "
                     f"not {ref}{assumed}"
                 )
-                parts.append(f"{k} timesteps (strided preview)")
+                parts.append(f"{k} timesteps ({PREVIEW_LABEL})")
             elif k == T:
                 parts.append(f"{k} timesteps (full sampler, T = {T})")
             else:
@@ -735,7 +737,7 @@ class Evaluation:
     fid : set name -> FID vs the acquired targets (methods, "clean", "<ref>+noise <s>").
     missing : method -> subject ids without a prediction.
     failed : "<subject> <method>" -> reason, for predictions that could not be scored.
-    notes : messages for the reader (FID skipped, strided diffusion, ...).
+    notes : messages for the reader (FID skipped, diffusion previews, ...).
     settings : normalization per method, noise sigmas, QC fraction, seed, voxel sizes.
     """
 

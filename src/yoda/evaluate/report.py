@@ -31,7 +31,7 @@ import numpy as np
 
 from yoda import __version__
 from yoda.atomic import atomic_path, write_text_atomic
-from yoda.evaluate.evaluation import METRICS, REFERENCES, Evaluation, MetricSpec
+from yoda.evaluate.evaluation import METRICS, PREVIEW_LABEL, REFERENCES, Evaluation, MetricSpec
 
 __all__ = [
     "SECTIONS",
@@ -741,8 +741,8 @@ def _overview(ev: Evaluation) -> list[str]:
         for m in ev.methods
     ]
     out.append(_table(header, rows))
-    strided = [n for n in ev.notes if "strided preview" in n]
-    for n in strided:
+    previews = [n for n in ev.notes if f"({PREVIEW_LABEL})" in n]
+    for n in previews:
         out.append(f'<p class="note">{_e(n)}</p>')
     if ev.missing:
         out.append("<p>Missing predictions (evaluated without them):</p>")
@@ -754,7 +754,7 @@ def _overview(ev: Evaluation) -> list[str]:
         )
     else:
         out.append("<p>Every method has a prediction for every subject of the split.</p>")
-    others = [n for n in ev.notes if n not in strided]
+    others = [n for n in ev.notes if n not in previews]
     if others:
         out.append("<p>Notes:</p><ul>" + "".join(f"<li>{_e(n)}</li>" for n in others) + "</ul>")
     return out
