@@ -316,9 +316,11 @@ def test_domain_warnings_name_voxel_sizes_and_slices_unlike_training():
     assert domain_warnings((3.6, 2.4, 3.0), (60, 70, 50), **trained) == []
     (voxel,) = domain_warnings((3.0, 3.0, 4.0), (60, 70, 50), **trained)
     assert voxel.startswith("voxel size 3 x 3 x 4 mm") and "1 x 1 x 1, 3 x 3 x 3 mm" in voxel
-    # slices in canonical axes: axial (x, y), coronal (x, z), sagittal (y, z)
+    # slices in canonical axes: axial (x, y), coronal (x, z), sagittal (y, z); the canvas is
+    # (H, W) of those, so on a 96 x 64 canvas only the axial 90 x 70 slices are too large
+    (axial,) = domain_warnings((1.0, 1.0, 1.0), (90, 70, 50), **{**trained, "canvas": (96, 64)})
+    assert axial.startswith("axial slices") and "(90 x 70 voxels)" in axial and "96 x 64" in axial
     axial, coronal = domain_warnings((1.0, 1.0, 1.0), (90, 70, 50), **trained)
-    assert axial.startswith("axial slices") and "(90 x 70 voxels)" in axial
     assert coronal.startswith("coronal slices") and "(90 x 50 voxels)" in coronal
     assert domain_warnings((1.0, 1.0, 1.0), (90, 70, 50), ["sagittal"], **trained) == []
     assert domain_warnings((0.5, 0.5, 9.0), (300, 300, 300)) == []  # the card says nothing
@@ -349,3 +351,11 @@ def test_translation_unlike_the_training_data_is_flagged(tiny_model, sources, tm
     ]
     sidecar = json.loads(out2.with_suffix("").with_suffix(".json").read_text())
     assert sidecar["warnings"] == [err[0].removeprefix("yoda translate: warning: ")]
+
+    # batch mode lists them per subject
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"id,split,t1w,t2w\ns2mm,test,{relabelled['t1w']},{relabelled['t2w']}\n")
+    args = ["translate", "--model", str(tiny_model), "--data", str(manifest), "--split", "test"]
+    args += ["--out-dir", str(tmp_path / "batch"), "--views", "axial", "--no-progress"]
+    assert main(args) == 0
+    assert capsys.readouterr().err.splitlines() == ["  warning s2mm: " + sidecar["warnings"][0]]
