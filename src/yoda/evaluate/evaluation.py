@@ -72,9 +72,9 @@ PRED_SUFFIXES = (".nii.gz", ".nii")
 WM_TISSUE_LABEL = 3
 WMH_TISSUE_LABEL = 4
 TRUNCATED_PAPER = 251
+"""Timesteps of the paper's truncated diffusion sampler at T = 1000."""
 #: How a note names a diffusion run with fewer timesteps than the truncated sampler.
 PREVIEW_LABEL = "short preview"
-"""Timesteps of the paper's truncated diffusion sampler at T = 1000."""
 _MODE_RANK = {"regression": 0, "expa": 1, "diffusion": 2}
 
 
