@@ -63,7 +63,7 @@ def domain_warnings(
     trained on. Unknown training figures are not checked.
     """
     notes = []
-    trained = [tuple(t) for t in trained_voxel_sizes]
+    trained = trained_voxel_sizes
     if trained and not any(
         all(abs(a - b) <= VOXEL_SIZE_TOLERANCE * b for a, b in zip(voxel_size, t, strict=True))
         for t in trained

@@ -115,8 +115,6 @@ def timesteps_preview(sched: Schedule, k: int, t_trunc: int | None = None) -> li
         )
     if m == 0:
         return [T - 1]
-    if m == 1:
-        return [T - 1, 0]
     ab = sched.alpha_bar[:t_trunc]
     log_snr = torch.log(ab) - torch.log1p(-ab)
     targets = torch.linspace(float(log_snr[-1]), float(log_snr[0]), m, dtype=torch.float64)
