@@ -147,13 +147,16 @@ def test_timesteps_preview_limits() -> None:
         ("5", timesteps_preview(make_schedule("linear", 100), 5)),
         (1, [99]),
         ([99, 10, 0], [99, 10, 0]),
+        (torch.tensor([99, 10, 0]), [99, 10, 0]),
     ],
 )
 def test_timesteps_for(steps, expected: list[int]) -> None:
     assert timesteps_for(make_schedule("linear", 100), steps) == expected
 
 
-@pytest.mark.parametrize("steps", ["fast", 0, -2, True, [100], [], [3.5]])
+@pytest.mark.parametrize(
+    "steps", ["fast", 0, -2, True, [100], [], [3.5], torch.tensor(5), torch.tensor([100])]
+)
 def test_timesteps_for_errors(steps) -> None:
     with pytest.raises(ConfigError):
         timesteps_for(make_schedule("linear", 100), steps)

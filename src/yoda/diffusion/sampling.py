@@ -134,14 +134,16 @@ def timesteps_for(sched: Schedule, steps: Steps = None) -> list[int]:
     ``None`` or ``"truncated"``: :func:`timesteps_truncated`; ``"full"``:
     :func:`timesteps_full`; an int ``k`` (or its decimal string): :func:`timesteps_preview`
     with ``k`` evaluations (``k = 1`` is the single regression-like step ``t = T-1``); a
-    sequence of ints is validated and returned as a list.
+    sequence or 1-D tensor of ints is validated and returned as a list.
     """
     T = _check_T(sched.T)
-    if steps is None or steps == "truncated":
-        return timesteps_truncated(T)
-    if steps == "full":
-        return timesteps_full(T)
+    if steps is None:
+        steps = "truncated"
     if isinstance(steps, str):
+        if steps == "truncated":
+            return timesteps_truncated(T)
+        if steps == "full":
+            return timesteps_full(T)
         if not steps.strip().isdigit():
             raise ConfigError(
                 f"unknown sampling steps {steps!r}; use 'truncated', 'full' or a number of steps"
@@ -383,12 +385,6 @@ def regression(
     return SampleResult(image=image, nfe=nfe, samples=stacked, timesteps=tuple(t_last))
 
 
-def _resolve_steps(sched: Schedule, timesteps: Steps) -> list[int]:
-    if timesteps is None or isinstance(timesteps, (str, Integral)):
-        return timesteps_for(sched, timesteps)
-    return _check_timesteps(sched.T, timesteps)
-
-
 def diffusion(
     denoise: Denoise,
     shape: Sequence[int],
@@ -417,7 +413,7 @@ def diffusion(
     SampleResult
         ``image`` (X, Y, Z), ``nfe = len(timesteps)``.
     """
-    steps = _resolve_steps(sched, timesteps)
+    steps = timesteps_for(sched, timesteps)
     shape = _check_shape(shape)
     dev = _device(device, generator)
     x_T = _randn((1, *shape), generator, dev)
@@ -465,7 +461,7 @@ def expa(
     """
     n_ex = _positive_int(n_ex, "n_ex")
     chunk = n_ex if chunk is None else _positive_int(chunk, "chunk")
-    steps = _resolve_steps(sched, timesteps)
+    steps = timesteps_for(sched, timesteps)
     shape = _check_shape(shape)
     dev = _device(device, generator)
     sumsq: torch.Tensor | None = None
