@@ -205,7 +205,8 @@ def test_sidecar_samples_and_std(tiny_model, sources, tmp_path, capsys):
     info = json.loads((tmp_path / "flair.json").read_text())
     assert info["model"] == str(tiny_model) and info["mode"] == "expa"
     assert info["nfe"] == 4 and info["seed"] == 7 and info["n_ex"] == 2
-    assert info["yoda_version"] == __version__ and info["seconds"] > 0
+    assert info["yoda_version"] == __version__
+    assert 0 < info["sampling_seconds"] <= info["seconds"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "flair.json",
         "flair.nii.gz",
@@ -233,6 +234,29 @@ def test_uint8_output(tiny_model, sources, translator, tmp_path, capsys):
     ref = translator.translate(sources, views="axial", seed=0).image
     np.testing.assert_array_equal(np.asarray(img.dataobj), np.clip(np.rint(ref), 0, 255))
     assert not (tmp_path / "flair_std.nii.gz").exists()
+
+
+def test_cli_speed_options_keep_the_translation(
+    tiny_model, sources, translator, tmp_path, capsys, monkeypatch
+):
+    """--channels-last and --compile reach the Translator and change the output by rounding."""
+    seen = {}
+    load = Translator.load.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Translator, "load", classmethod(spy))
+    ref = translator.translate(sources, views="axial", seed=0).image
+    out = tmp_path / "flair.nii.gz"
+    flags = ("--views", "axial", "--channels-last", "--compile", "eager")
+    assert _cli(tiny_model, sources, out, *flags) == 0
+    assert seen["channels_last"] is True and seen["compile"] == "eager"
+    np.testing.assert_allclose(nib.load(out).get_fdata(), ref, rtol=0, atol=5e-3)
+    assert _cli(tiny_model, sources, tmp_path / "b.nii.gz", "--compile", "fastest") == 1
+    assert "unknown compile option 'fastest'" in _one_line_error(capsys)
+    assert not (tmp_path / "b.nii.gz").exists()
 
 
 # ------------------------------------------------------------------------------------------

@@ -377,6 +377,7 @@ class Translator:
                 progress(k + 1, n_total)
 
         common = dict(generator=gen, device=self.device, callback=callback)
+        sampling_start = time.perf_counter()
         if mode == "regression":
             res = sampling.regression(
                 denoiser,
@@ -401,6 +402,9 @@ class Translator:
                 keep_samples=keep_samples,
                 **common,
             )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        sampling_seconds = time.perf_counter() - sampling_start
         out = self._to_output(res.image, prep, slice_correction)
         samples = std = None
         if mode == "expa" and keep_samples and res.samples is not None:
@@ -422,6 +426,7 @@ class Translator:
             "precision": self.precision,
             "device": str(self.device),
             "seconds": round(time.perf_counter() - start, 3),
+            "sampling_seconds": round(sampling_seconds, 3),
             "yoda_version": __version__,
             "warnings": warnings,
         }

@@ -68,7 +68,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="network precision: bf16 or (CUDA) fp16 autocast is faster, within reduced-"
+        "precision rounding of fp32 (default fp32)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last (NHWC) network inputs; the same output up to float32 rounding",
+    )
+    p.add_argument(
+        "--compile",
+        metavar="MODE",
+        default=None,
+        help="torch.compile the network: default, reduce-overhead (CUDA graphs) or "
+        "max-autotune; compiling costs time once per run, then every call is faster",
+    )
     p.add_argument("--dtype", choices=("float32", "uint8"), default="float32")
     p.add_argument(
         "--save-samples",
@@ -131,7 +149,12 @@ def run(args: argparse.Namespace) -> int:
     from yoda.translate import Translator
 
     translator = Translator.load(
-        args.model, device=args.device, precision=args.precision, batch_size=args.batch_size
+        args.model,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )
     options = dict(
         mode=args.mode,
