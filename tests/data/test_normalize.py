@@ -14,6 +14,7 @@ from yoda.data.normalize import (
     Intensity,
     apply_intensity,
     crop,
+    fill_holes,
     fit_intensity,
     foreground_mask,
     from_network,
@@ -201,6 +202,32 @@ def test_tissue_is_more_stable_than_percentile():
 
 # ---------------------------------------------------------------------------------------------
 # foreground mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fill_holes_equals_scipys_propagation(seed):
+    """Oracle: scipy's binary_fill_holes, in 3-D and slice by slice along each axis."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(5, 19, size=3))
+    # random blobs, dense enough to enclose holes and to touch the borders
+    mask = ndimage.gaussian_filter(rng.standard_normal(shape), 1.0) > rng.uniform(-0.2, 0.2)
+    ends = [max(4, n // 2 + 1) for n in shape]  # a box in one corner, random blobs elsewhere
+    box = tuple(slice(1, e) for e in ends)
+    inner = tuple(slice(2, e - 1) for e in ends)
+    mask[box] = True
+    mask[inner] = rng.random(mask[inner].shape) < 0.3  # a closed box with holes inside
+    assert fill_holes(mask)[inner].all() and not mask[inner].all()
+    np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    for axis in range(3):
+        plane = np.zeros((3, 3, 3), dtype=bool)
+        index = [slice(None)] * 3
+        index[axis] = 1
+        plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
+        expected = ndimage.binary_fill_holes(mask, structure=plane)
+        np.testing.assert_array_equal(fill_holes(mask, axis=axis), expected, err_msg=str(axis))
+    assert not fill_holes(np.zeros(shape, bool)).any() and fill_holes(np.ones(shape, bool)).all()
 
 
 @pytest.mark.parametrize("sigma", [4.0, 10.0, 25.0])
