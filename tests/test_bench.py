@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from yoda.bench import FIGURES, TARGETS, _bench_network, _write_model, _write_subject, run_bench
+from yoda.bench import (
+    FIGURES,
+    TARGETS,
+    _bench_network,
+    _write_model,
+    _write_subject,
+    format_report,
+    run_bench,
+)
 from yoda.cli import main
 from yoda.diffusion import sampling
 from yoda.diffusion.schedule import make_schedule
@@ -47,8 +55,12 @@ def _plain(net, cond, x_t, **options):
 
 
 def test_quick_bench_emits_every_figure(tmp_path):
+    """Run with every translation option, so that every figure is measured."""
     path = tmp_path / "bench.json"
-    result = run_bench("cpu", "tiny", size="tiny", json_path=path, progress=False, threads=1)
+    result = run_bench(
+        "cpu", "tiny", size="tiny", json_path=path, progress=False, threads=1,
+        channels_last=True, compile="eager",
+    )  # fmt: skip
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
     assert list(result["figures"]) == list(FIGURES)
     for name, value in result["figures"].items():
@@ -72,6 +84,18 @@ def test_quick_bench_emits_every_figure(tmp_path):
     assert spv["diffusion"]["seconds"] == pytest.approx(a["per_nfe_diffusion_s"] * 251, rel=1e-3)
     assert spv["expa"]["seconds"] == pytest.approx(a["per_nfe_expa_s"] * 1004, rel=1e-3)
     assert "extrapolated" in spv["diffusion"]["how"] and "extrapolated" in spv["expa"]["how"]
+    # the memory volume: regression measured, the others from its time per NFE
+    large = a["seconds_per_large_volume"]
+    assert large["grid"] == "32^3" and large["regression"]["nfe"] == 3
+    assert "measured" in large["regression"]["how"]
+    reg = large["regression"]["seconds"]
+    step = large["diffusion"]["seconds"] - reg  # 248 more NFE than regression
+    assert step > 0
+    assert large["expa"]["seconds"] - reg == pytest.approx(step * (1004 - 3) / 248, rel=1e-3)
+    # compiling with the eager backend runs the same kernels: the same output, bit for bit
+    assert figures["compile_speedup"] > 0
+    assert result["details"]["option_max_abs_diff"]["compiled"] == 0
+    assert result["compile"] == "eager" and result["channels_last"] is True
     assert set(a["per_slice_s"]) == {"16^3", "32^3", "64^3"}
     assert result["figures"]["peak_memory_translate_mb"] > 0.1  # a 32^3 translation allocates
     # the bench leaves the process as it found it
@@ -87,6 +111,33 @@ def test_bench_options_are_checked():
         run_bench("cpu", "medium", size="tiny", progress=False)
     with pytest.raises(ConfigError, match="batch"):
         run_bench("cpu", "tiny", size="tiny", progress=False, batch_size=0)
+    with pytest.raises(ConfigError, match="compile option 'fast'"):
+        run_bench("cpu", "tiny", size="tiny", progress=False, compile="fast")
+
+
+def _volume_result(device: str, preset: str, regression: float, diffusion: float) -> dict:
+    row = {"nfe": 3, "how": "measured"}
+    return {
+        "preset": preset, "device": device, "size": "default", "precision": "fp32",
+        "batch_size": 32, "seconds": 1.0, "machine": {"threads": 1},
+        "figures": {}, "targets": {}, "notes": {},
+        "absolute": {"seconds_per_large_volume": {
+            "grid": "256^3",
+            "regression": {**row, "seconds": regression},
+            "diffusion": {**row, "nfe": 251, "seconds": diffusion},
+            "expa": {**row, "nfe": 1004, "seconds": 4 * diffusion},
+        }},
+    }  # fmt: skip
+
+
+def test_report_checks_the_gpu_targets_for_the_small_preset_on_cuda():
+    lines = format_report(_volume_result("cuda:0", "small", 1.5, 200.0)).splitlines()
+    rows = {line.split()[0]: line for line in lines if line.startswith("    ")}
+    assert rows["regression"].endswith("[H100 target <= 2 s: ok]")
+    assert rows["diffusion"].endswith("[H100 target <= 180 s: MISSED]")
+    assert "target" not in rows["expa"]
+    for device, preset in (("cpu", "small"), ("cuda", "tiny")):
+        assert "H100" not in format_report(_volume_result(device, preset, 1.5, 200.0))
 
 
 def test_cli_parses_and_reports_errors(capsys):

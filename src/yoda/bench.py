@@ -38,6 +38,17 @@ Figures (targets on a 2-core CPU in brackets):
     FLOPs per pixel (its attention is quadratic in the pixels of the coarsest level), shown
     separately by ``per_flop_cost_ratio`` (time per FLOP, max / min).
 
+``channels_last_speedup``, ``bf16_speedup``, ``compile_speedup``
+    Regression time of the plain network divided by that with channels-last inputs, bf16
+    autocast, or ``torch.compile`` (only with ``compile=MODE``); the largest output
+    difference of each is in ``details["option_max_abs_diff"]``.
+
+Absolute figures: seconds per volume for regression, truncated diffusion and ExpA, both for
+the regression ROI of the efficiency measurement and for the ``memory_volume`` grid (256^3),
+where the issue's GPU targets apply (``GPU_VOLUME_TARGETS``: the ``small`` preset on an H100).
+Translation options (``precision``, ``channels_last``, ``compile``) apply to every end-to-end
+translation and to the sampling measurements; the per-slice cost uses the plain network.
+
 ``size="tiny"`` (``--quick``) runs every measurement on small volumes in seconds; its figures
 show that everything runs, not what the hardware does.
 """
@@ -66,7 +77,15 @@ import torch.utils.deterministic
 from yoda import __version__
 from yoda.errors import ConfigError
 
-__all__ = ["run_bench", "format_report", "FIGURES", "TARGETS", "SIZES", "synthetic_head"]
+__all__ = [
+    "run_bench",
+    "format_report",
+    "FIGURES",
+    "TARGETS",
+    "GPU_VOLUME_TARGETS",
+    "SIZES",
+    "synthetic_head",
+]
 
 #: Figures reported by :func:`run_bench` (``result["figures"]``), in table order.
 FIGURES = (
@@ -81,6 +100,7 @@ FIGURES = (
     "per_flop_cost_ratio",
     "channels_last_speedup",
     "bf16_speedup",
+    "compile_speedup",
 )
 
 #: Targets for the figures that have one: (comparison, value).
@@ -90,6 +110,10 @@ TARGETS = {
     "train_step_overhead": ("<=", 1.15),
     "loader_headroom": (">=", 5.0),
 }
+
+#: Seconds per ``memory_volume`` grid (256^3) on an H100 with the ``small`` preset, all three
+#: views: regression measured, truncated diffusion extrapolated from its time per NFE.
+GPU_VOLUME_TARGETS = {"regression": 2.0, "diffusion": 180.0}
 
 #: Problem sizes. ``volume``: edge of the regression volume (the ROI crop makes it smaller);
 #: ``scaling``: cube edges of the per-slice cost; ``memory_volume``: edge of the volume whose
@@ -390,6 +414,8 @@ def _child_main(task_json: str) -> None:
             device="cpu",
             batch_size=task["batch_size"],
             precision=task["precision"],
+            channels_last=bool(task.get("channels_last", False)),
+            compile=task.get("compile"),
             cache_cond=bool(task.get("cache_cond", False)),
         )
         gc.collect()
@@ -405,6 +431,12 @@ def _child_main(task_json: str) -> None:
         res.save(task["out"], overwrite=True)
         out["seconds"] = time.perf_counter() - start
         out["view_seconds"] = list(np.diff([start, *stamps]))
+        if task.get("compile"):  # time the second translation, without the compiling
+            start = time.perf_counter()
+            res = tr.translate(task["sources"], mode="regression")
+            res.save(task["out"], overwrite=True)
+            out["seconds"] = time.perf_counter() - start
+        out["sampling_seconds"], out["nfe"] = res.info["sampling_seconds"], res.info["nfe"]
     else:
         from yoda.model.network import Denoiser2p5D
 
@@ -468,6 +500,8 @@ class _Bench:
         batch_size: int,
         progress: bool,
         workdir: Path,
+        channels_last: bool = False,
+        compile: str | None = None,
     ) -> None:
         from yoda.device import autocast_dtype
         from yoda.diffusion.schedule import make_schedule
@@ -479,6 +513,8 @@ class _Bench:
         self.precision = precision
         self.amp = autocast_dtype(precision, device)
         self.batch_size = batch_size
+        self.channels_last = channels_last
+        self.compile = compile
         self.progress = progress
         self.work = workdir
         self.clock = _Clock(device)
@@ -498,6 +534,7 @@ class _Bench:
         from yoda.model.denoiser import VolumeDenoiser
 
         options.setdefault("autocast_dtype", self.amp)
+        options.setdefault("channels_last", self.channels_last)
         return VolumeDenoiser(
             model, self.sched, "v", cond, batch_size=self.batch_size, device=self.device, **options
         )
@@ -525,8 +562,11 @@ class _Bench:
             device=self.device,
             precision=self.precision,
             batch_size=self.batch_size,
+            channels_last=self.channels_last,
+            compile=self.compile,
         )
         self.model = self.translator.model
+        self.net = self.translator.network  # compiled when asked
         prep = prepare_sources(
             self.sources, list(_SOURCES), normalization="tissue", mask=None, resample=False
         )
@@ -545,12 +585,18 @@ class _Bench:
         flops = sum(
             d * _flops_per_slice(self.model, (h, w), self.device) for d, h, w in views.values()
         )
-        variants = {"plain": {}, "channels_last": {"channels_last": True}}
+        plain = {"channels_last": False}
+        variants = {
+            "plain": (self.model, plain),
+            "channels_last": (self.model, {"channels_last": True}),
+        }
         if self.amp is None:
             bf16_ok = self.device.type == "cpu" or torch.cuda.is_bf16_supported()
             if bf16_ok:
-                variants["bf16"] = {"autocast_dtype": torch.bfloat16}
-        dens = {k: self.denoiser(self.model, self.cond, **v) for k, v in variants.items()}
+                variants["bf16"] = (self.model, {**plain, "autocast_dtype": torch.bfloat16})
+        if self.compile is not None:
+            variants["compiled"] = (self.net, plain)
+        dens = {k: self.denoiser(net, self.cond, **v) for k, (net, v) in variants.items()}
         outs = {k: self.regression(d, self.shape, VIEWS).image for k, d in dens.items()}  # warm-up
         fns = {k: (lambda d=d: self.regression(d, self.shape, VIEWS)) for k, d in dens.items()}
         times = _paired(self.clock, fns, repeats)
@@ -559,6 +605,11 @@ class _Bench:
         self.figures["network_efficiency"] = rate / rate_mm
         self.figures["channels_last_speedup"] = times["plain"] / times["channels_last"]
         diffs = {k: float((outs[k] - outs["plain"]).abs().max()) for k in outs if k != "plain"}
+        if "compiled" in times:
+            self.figures["compile_speedup"] = times["plain"] / times["compiled"]
+            self.absolute["regression_compiled_s"] = times["compiled"]
+        else:
+            self.notes["compile_speedup"] = "not measured: no --compile MODE given"
         if "bf16" in times:
             self.figures["bf16_speedup"] = times["plain"] / times["bf16"]
         else:
@@ -596,6 +647,8 @@ class _Bench:
             res.save(out_path, overwrite=True)
 
         model, bs, dev = self.model, self.batch_size, self.device
+        net = self.net  # the translator's network: compiled when asked
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         views = _view_shapes(self.shape, model.in_multiple)
         inputs = {}
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -605,7 +658,7 @@ class _Bench:
                 c = torch.randn(
                     (bs, model.n_slices * model.n_sources, h, w), generator=gen, device=dev
                 )
-                inputs[(h, w)] = (x, c)
+                inputs[(h, w)] = (x.contiguous(memory_format=fmt), c.contiguous(memory_format=fmt))
         steps = torch.full((bs,), self.sched.T - 1, dtype=torch.long, device=dev)
         calls = [(h, w, min(bs, d - i0)) for d, h, w in views.values() for i0 in range(0, d, bs)]
 
@@ -618,7 +671,7 @@ class _Bench:
             with torch.inference_mode(), ctx:
                 for h, w, rows in calls:
                     x, c = inputs[(h, w)]
-                    model(x[:rows], steps[:rows], c[:rows])
+                    net(x[:rows], steps[:rows], c[:rows])
 
         full()
         network()
@@ -634,7 +687,7 @@ class _Bench:
 
         k, n_ex = self.cfg["expa_steps"], self.cfg["n_ex"]
         steps = sampling.timesteps_preview(self.sched, k)
-        den = self.denoiser(self.model, self.cond)
+        den = self.denoiser(self.net, self.cond)
 
         def batched() -> None:
             gen = torch.Generator(device=self.device).manual_seed(0)
@@ -650,6 +703,7 @@ class _Bench:
             )
 
         single()
+        batched()  # warm-up at the larger batch too (allocations, compiled code)
         times = _paired(self.clock, {"batched": batched, "single": single}, repeats)
         self.figures["expa_batching"] = times["batched"] / (n_ex * times["single"])
         per_nfe_single = times["single"] / k
@@ -796,6 +850,8 @@ class _Bench:
             "model": str(self.model_dir),
             "batch_size": self.batch_size,
             "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
             "sources": sources,
             "out": out,
         }
@@ -810,8 +866,11 @@ class _Bench:
                     p.kill()
                     p.communicate()
         self.figures["peak_memory_translate_mb"] = res["delta_mb"]
-        self.absolute["translate_memory_volume_s"] = res["seconds"]
         self.absolute["translate_memory_view_s"] = res["view_seconds"]
+        self.large = {k: res[k] for k in ("seconds", "sampling_seconds", "nfe")}
+        self.large["how"] = "measured: translate + save in a fresh process" + (
+            ", the second time" if self.compile else ""
+        )
         self.details["memory_translate_process"] = {
             k: res[k] for k in ("base_mb", "peak_mb", "sys_s", "page_faults")
         }
@@ -836,11 +895,19 @@ class _Bench:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        start = time.perf_counter()
         res = self.translator.translate(sources, mode="regression")
         res.save(out, overwrite=True)
-        self.absolute["translate_memory_volume_s"] = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(dev) - base
+        del res
+        start = time.perf_counter()  # again, warm: the GPU targets are for a loaded model
+        res = self.translator.translate(sources, mode="regression")
+        res.save(out, overwrite=True)
+        self.large = {
+            "seconds": time.perf_counter() - start,
+            "sampling_seconds": res.info["sampling_seconds"],
+            "nfe": res.info["nfe"],
+            "how": "measured: translate + save, the second time",
+        }
         self.figures["peak_memory_translate_mb"] = peak / 2**20
         self.notes["peak_memory_translate_mb"] = (
             f"{size}^3 regression with {self.preset}, batch {self.batch_size}, "
@@ -894,6 +961,33 @@ class _Bench:
                 "how": f"extrapolated: measured time per NFE (batched) x {n_ex} x 251",
             },
         }
+        large = getattr(self, "large", None)
+        if large is None:
+            return
+        # preparing and writing the volume is paid once; every NFE costs the regression's mean
+        # time per view (diffusion cycles through the same three views)
+        per_nfe = large["sampling_seconds"] / large["nfe"]
+        fixed = large["seconds"] - large["sampling_seconds"]
+        nfe = PAPER_NFE["diffusion"]
+        self.absolute["seconds_per_large_volume"] = {
+            "grid": f"{self.cfg['memory_volume']}^3",
+            "regression": {
+                "seconds": large["seconds"],
+                "nfe": large["nfe"],
+                "how": large["how"],
+            },
+            "diffusion": {
+                "seconds": fixed + nfe * per_nfe,
+                "nfe": nfe,
+                "how": "extrapolated: the regression's reading and writing + 251 x its time "
+                "per NFE",
+            },
+            "expa": {
+                "seconds": fixed + n_ex * nfe * per_nfe,
+                "nfe": n_ex * nfe,
+                "how": f"extrapolated as diffusion with {n_ex} x 251 NFE, no batching gain",
+            },
+        }
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
@@ -931,6 +1025,8 @@ def run_bench(
     precision: str = "fp32",
     batch_size: int = 32,
     threads: int | None = None,
+    channels_last: bool = False,
+    compile: str | None = None,
 ) -> dict[str, Any]:
     """Measure the performance figures of the module docstring in one run.
 
@@ -945,6 +1041,9 @@ def run_bench(
     precision : "fp32", "bf16" or (CUDA) "fp16" for the inference measurements.
     batch_size : slices per network call in sampling.
     threads : CPU threads (default: torch's current setting).
+    channels_last, compile : translation speed options (:class:`yoda.translate.Translator`),
+        used in every end-to-end translation and sampling measurement; ``compile`` (a mode of
+        ``yoda.model.denoiser.COMPILE_MODES``) also gives ``compile_speedup``.
 
     Returns
     -------
@@ -954,6 +1053,7 @@ def run_bench(
         ``details`` and ``machine``.
     """
     from yoda.device import resolve_device
+    from yoda.model.denoiser import COMPILE_MODES
     from yoda.model.network import PRESETS
 
     if size not in SIZES:
@@ -964,6 +1064,8 @@ def run_bench(
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    if compile is not None and compile not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile option {compile!r}; choose one of {COMPILE_MODES}")
     dev = resolve_device(device)
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -972,7 +1074,10 @@ def run_bench(
     cfg = SIZES[size]
     try:
         with tempfile.TemporaryDirectory(prefix="yoda-bench-") as tmp:
-            b = _Bench(dev, preset, size, precision, batch_size, progress, Path(tmp))
+            b = _Bench(
+                dev, preset, size, precision, batch_size, progress, Path(tmp),
+                channels_last=bool(channels_last), compile=compile,
+            )  # fmt: skip
             b.stage("setup (synthetic subject, random-weight model)", b.setup)
             b.stage("network efficiency", lambda: b.efficiency(cfg["repeats"]))
             b.stage("translate overhead", lambda: b.translate(cfg["repeats"]))
@@ -1005,6 +1110,8 @@ def run_bench(
         "size": size,
         "precision": precision,
         "batch_size": batch_size,
+        "channels_last": bool(channels_last),
+        "compile": compile,
         "figures": _round(b.figures),
         "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
         "absolute": _round(b.absolute),
@@ -1030,12 +1137,30 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _volume_row(mode: str, entry: dict[str, Any], target: float | None = None) -> str:
+    row = f"    {mode:<11} {_fmt(entry['seconds'], ' s'):>10}  NFE {entry['nfe']:<5} {entry['how']}"
+    if target is not None and entry["seconds"] is not None:
+        status = "ok" if entry["seconds"] <= target else "MISSED"
+        row += f" [H100 target <= {target:g} s: {status}]"
+    return row
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The result of :func:`run_bench` as a plain-text table."""
+    options = [
+        f"preset {result['preset']}",
+        result["device"],
+        f"size {result['size']}",
+        result["precision"],
+        f"batch {result['batch_size']}",
+    ]
+    if result.get("channels_last"):
+        options.append("channels-last")
+    if result.get("compile"):
+        options.append(f"compile {result['compile']}")
+    options += [f"{result['machine'].get('threads')} thread(s)", f"{result['seconds']} s"]
     lines = [
-        f"yoda bench: preset {result['preset']}, {result['device']}, size {result['size']}, "
-        f"{result['precision']}, batch {result['batch_size']}, "
-        f"{result['machine'].get('threads')} thread(s), {result['seconds']} s",
+        "yoda bench: " + ", ".join(options),
         "",
         f"{'figure':<30} {'value':>10}  {'target':<8} status",
     ]
@@ -1072,11 +1197,14 @@ def format_report(result: dict[str, Any]) -> str:
     spv = a.get("seconds_per_volume", {})
     if spv:
         lines.append("  seconds per volume (the regression ROI above):")
-        for mode, entry in spv.items():
-            lines.append(
-                f"    {mode:<11} {_fmt(entry['seconds'], ' s'):>10}  NFE {entry['nfe']:<5} "
-                f"{entry['how']}"
-            )
+        lines += [_volume_row(mode, entry) for mode, entry in spv.items()]
+    large = a.get("seconds_per_large_volume")
+    if large:
+        gpu = result["device"].startswith("cuda") and result["preset"] == "small"
+        lines.append(f"  seconds per {large['grid']} volume (3 views):")
+        for mode in ("regression", "diffusion", "expa"):
+            target = GPU_VOLUME_TARGETS.get(mode) if gpu else None
+            lines.append(_volume_row(mode, large[mode], target))
     if result["notes"]:
         lines += ["", "notes:"]
         lines += [f"  {k}: {v}" for k, v in result["notes"].items()]

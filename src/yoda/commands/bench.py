@@ -50,6 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=_positive, default=None, help="CPU threads (default: all cores)"
     )
+    p.add_argument(
+        "--channels-last", action="store_true", help="channels-last network inputs (as translate)"
+    )
+    p.add_argument(
+        "--compile",
+        metavar="MODE",
+        default=None,
+        help="torch.compile the network (as translate); also measures compile_speedup",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not print the stages")
     p.set_defaults(func=run)
 
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch_size=args.batch_size,
         threads=args.threads,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )
     print(format_report(result), flush=True)
     if args.json:
