@@ -88,6 +88,7 @@ def test_quick_bench_emits_every_figure(tmp_path):
     large = a["seconds_per_large_volume"]
     assert large["grid"] == "32^3" and large["regression"]["nfe"] == 3
     assert "measured" in large["regression"]["how"]
+    assert 0 < large["regression"]["sampling_seconds"] < large["regression"]["seconds"]
     reg = large["regression"]["seconds"]
     step = large["diffusion"]["seconds"] - reg  # 248 more NFE than regression
     assert step > 0
