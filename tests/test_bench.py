@@ -139,6 +139,9 @@ def test_report_checks_the_gpu_targets_for_the_small_preset_on_cuda():
     assert "target" not in rows["expa"]
     for device, preset in (("cpu", "small"), ("cuda", "tiny")):
         assert "H100" not in format_report(_volume_result(device, preset, 1.5, 200.0))
+    quick = _volume_result("cuda", "small", 1.5, 200.0)
+    quick["absolute"]["seconds_per_large_volume"]["grid"] = "32^3"  # --quick: no 256^3
+    assert "H100" not in format_report(quick)
 
 
 def test_cli_parses_and_reports_errors(capsys):
