@@ -32,6 +32,8 @@ TINY_MODEL_OVERRIDES = {
     "optim.ema_decay": 0.99,
     "optim.high_t_share": 0.5,
     "run.steps": TINY_MODEL_STEPS,
+    "run.device": "cpu",  # the same model on a GPU machine
+    "run.precision": "fp32",
     "run.threads": 1,
     "run.log_every": 20,
     "run.val_every": 80,
