@@ -228,6 +228,10 @@ def test_fill_holes_equals_scipys_propagation(seed):
         expected = ndimage.binary_fill_holes(mask, structure=plane)
         np.testing.assert_array_equal(fill_holes(mask, axis=axis), expected, err_msg=str(axis))
     assert not fill_holes(np.zeros(shape, bool)).any() and fill_holes(np.ones(shape, bool)).all()
+    np.testing.assert_array_equal(fill_holes(mask, axis=-1), fill_holes(mask, axis=2))
+    assert fill_holes(np.zeros((0, 3, 4), bool)).shape == (0, 3, 4)
+    with pytest.raises(ConfigError, match="axis 3"):
+        fill_holes(mask, axis=3)
 
 
 @pytest.mark.parametrize("sigma", [4.0, 10.0, 25.0])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,7 @@ def test_timesteps_preview_limits() -> None:
         (1, [99]),
         ([99, 10, 0], [99, 10, 0]),
         (torch.tensor([99, 10, 0]), [99, 10, 0]),
+        (np.array([99, 10, 0]), [99, 10, 0]),
     ],
 )
 def test_timesteps_for(steps, expected: list[int]) -> None:
@@ -155,7 +157,8 @@ def test_timesteps_for(steps, expected: list[int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "steps", ["fast", 0, -2, True, [100], [], [3.5], torch.tensor(5), torch.tensor([100])]
+    "steps",
+    ["fast", "²", 0, -2, True, [100], [], [3.5], torch.tensor(5), torch.tensor([100])],
 )
 def test_timesteps_for_errors(steps) -> None:
     with pytest.raises(ConfigError):

@@ -225,9 +225,14 @@ def fill_holes(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
     count). The same result as scipy's iterative propagation, about 3x faster on 256^3.
     """
     mask = np.asarray(mask, dtype=bool)
+    if axis is not None and not -mask.ndim <= axis < mask.ndim:
+        raise ConfigError(f"axis {axis} is out of range for a {mask.ndim}-D mask")
+    if mask.size == 0:
+        return mask.copy()
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     faces = list(range(mask.ndim))
     if axis is not None:
+        axis %= mask.ndim
         index = [slice(None)] * mask.ndim
         index[axis] = [0, 2]
         structure[tuple(index)] = False  # no neighbours across slices

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
+import numpy as np
 import torch
 
 from yoda.diffusion.schedule import PREDICTIONS, Schedule, q_sample
@@ -134,7 +135,7 @@ def timesteps_for(sched: Schedule, steps: Steps = None) -> list[int]:
     ``None`` or ``"truncated"``: :func:`timesteps_truncated`; ``"full"``:
     :func:`timesteps_full`; an int ``k`` (or its decimal string): :func:`timesteps_preview`
     with ``k`` evaluations (``k = 1`` is the single regression-like step ``t = T-1``); a
-    sequence or 1-D tensor of ints is validated and returned as a list.
+    sequence, 1-D tensor or 1-D array of ints is validated and returned as a list.
     """
     T = _check_T(sched.T)
     if steps is None:
@@ -144,7 +145,7 @@ def timesteps_for(sched: Schedule, steps: Steps = None) -> list[int]:
             return timesteps_truncated(T)
         if steps == "full":
             return timesteps_full(T)
-        if not steps.strip().isdigit():
+        if not (steps.strip().isascii() and steps.strip().isdigit()):
             raise ConfigError(
                 f"unknown sampling steps {steps!r}; use 'truncated', 'full' or a number of steps"
             )
@@ -155,7 +156,7 @@ def timesteps_for(sched: Schedule, steps: Steps = None) -> list[int]:
 
 
 def _check_timesteps(T: int, timesteps: object) -> list[int]:
-    if isinstance(timesteps, torch.Tensor):
+    if isinstance(timesteps, (torch.Tensor, np.ndarray)):
         timesteps = timesteps.tolist()
     if isinstance(timesteps, (str, bytes)) or not isinstance(timesteps, Sequence):
         raise ConfigError(f"timesteps must be a sequence of integers, got {timesteps!r}")
