@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="MODE",
         default=None,
         help="torch.compile the network: default, reduce-overhead (CUDA graphs) or "
-        "max-autotune; compiling costs time once per run, then every call is faster",
+        "max-autotune; the first calls of each slice size compile, later calls are faster",
     )
     p.add_argument("--dtype", choices=("float32", "uint8"), default="float32")
     p.add_argument(
