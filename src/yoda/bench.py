@@ -908,7 +908,7 @@ class _Bench:
             "seconds": time.perf_counter() - start,
             "sampling_seconds": res.info["sampling_seconds"],
             "nfe": res.info["nfe"],
-            "how": "measured: translate + save, the second time",
+            "how": "measured: translate + save, warm",
         }
         self.figures["peak_memory_translate_mb"] = peak / 2**20
         self.notes["peak_memory_translate_mb"] = (
@@ -1044,8 +1044,8 @@ def run_bench(
     precision : "fp32", "bf16" or (CUDA) "fp16" for the inference measurements.
     batch_size : slices per network call in sampling.
     threads : CPU threads (default: torch's current setting).
-    channels_last, compile : translation speed options (:class:`yoda.translate.Translator`),
-        used in every end-to-end translation and sampling measurement; ``compile`` (a mode of
+    channels_last, compile : translation speed options (:class:`yoda.translate.Translator`;
+        which measurements use them: the module docstring); ``compile`` (a mode of
         ``yoda.model.denoiser.COMPILE_MODES``) also gives ``compile_speedup``.
 
     Returns
