@@ -517,6 +517,8 @@ class _Bench:
         self.batch_size = batch_size
         self.channels_last = channels_last
         self.compile = compile
+        #: the memory volume's translation: seconds, sampling_seconds, nfe, how (see memory())
+        self.large: dict[str, Any] | None = None
         self.progress = progress
         self.work = workdir
         self.clock = _Clock(device)
@@ -965,7 +967,7 @@ class _Bench:
                 "how": f"extrapolated: measured time per NFE (batched) x {n_ex} x 251",
             },
         }
-        large = getattr(self, "large", None)
+        large = self.large
         if large is None:
             return
         # preparing and writing the volume is paid once; every NFE costs the regression's mean
@@ -1058,7 +1060,7 @@ def run_bench(
         ``details`` and ``machine``.
     """
     from yoda.device import resolve_device
-    from yoda.model.denoiser import COMPILE_MODES
+    from yoda.model.denoiser import check_compile_option
     from yoda.model.network import PRESETS
 
     if size not in SIZES:
@@ -1069,8 +1071,7 @@ def run_bench(
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
-    if compile is not None and compile not in COMPILE_MODES:
-        raise ConfigError(f"unknown compile option {compile!r}; choose one of {COMPILE_MODES}")
+    compile = check_compile_option(compile)
     dev = resolve_device(device)
     previous_threads = torch.get_num_threads()
     if threads is not None:

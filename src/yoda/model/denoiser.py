@@ -64,6 +64,7 @@ __all__ = [
     "VolumeDenoiser",
     "AUTOCAST_DTYPES",
     "COMPILE_MODES",
+    "check_compile_option",
     "compile_network",
     "tune_cpu_allocator",
     "release_cpu_memory",
@@ -161,6 +162,20 @@ def release_cpu_memory() -> None:
         trim(0)
 
 
+def check_compile_option(option: str | bool | None) -> str | None:
+    """The ``COMPILE_MODES`` mode a compile option names (None: no compilation; True: default).
+
+    Raises ConfigError for anything else, before any network is built.
+    """
+    if option is None or option is False:
+        return None
+    if option is True:
+        return "default"
+    if option not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile option {option!r}; choose one of {COMPILE_MODES}")
+    return option
+
+
 def compile_network(model: nn.Module, option: str | bool | None) -> nn.Module | None:
     """``torch.compile`` a network for inference with a ``COMPILE_MODES`` option.
 
@@ -169,12 +184,9 @@ def compile_network(model: nn.Module, option: str | bool | None) -> nn.Module | 
     :class:`VolumeDenoiser` in place of the network (compiled code is then reused across
     denoisers).
     """
-    if option is None or option is False:
+    option = check_compile_option(option)
+    if option is None:
         return None
-    if option is True:
-        option = "default"
-    if option not in COMPILE_MODES:
-        raise ConfigError(f"unknown compile option {option!r}; choose one of {COMPILE_MODES}")
     if option in _COMPILE_BACKENDS:
         return torch.compile(model, backend=option)
     return torch.compile(model, mode=option)
