@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from yoda.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:

@@ -63,6 +63,7 @@ from yoda.config import (
     save_config,
     validate,
 )
+from yoda.device import usable_cpus
 from yoda.diffusion.schedule import predict_x0, q_sample, training_target
 from yoda.errors import ConfigError, InputError, ModelError
 
@@ -173,13 +174,6 @@ class _Dist:
     @property
     def active(self) -> bool:
         return self.world_size > 1
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _env_int(name: str, default: int) -> int:
@@ -358,7 +352,7 @@ class _Trainer:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        threads = c.run.threads or max(1, _cpu_count() // max(1, self.dist.local_world_size))
+        threads = c.run.threads or max(1, usable_cpus() // max(1, self.dist.local_world_size))
         torch.set_num_threads(threads)
         if self.device.type == "cpu":
             from yoda.model.denoiser import tune_cpu_allocator

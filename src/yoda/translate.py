@@ -468,8 +468,9 @@ class Translator:
         if correction != "none":
             roi_mask = crop(prep.mask, prep.bbox)
             x255 = np.asarray(slice_correction(x255, method=correction, mask=roi_mask))
-        full = uncrop(x255.astype(np.float32), prep.bbox, prep.geometry.canonical_shape, fill=0.0)
+        x255 = x255.astype(np.float32, copy=False)
+        full = uncrop(x255, prep.bbox, prep.geometry.canonical_shape, fill=0.0)
         if self.card.normalization["method"] == "ct":
             # the CT window is fixed, so the 0-255 scale maps back to Hounsfield units
             full = invert_intensity(full, fit_intensity(full, method="ct"))
-        return full.astype(np.float32)
+        return full.astype(np.float32, copy=False)

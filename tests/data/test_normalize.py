@@ -18,6 +18,7 @@ from yoda.data.normalize import (
     fit_intensity,
     foreground_mask,
     from_network,
+    gaussian,
     invert_intensity,
     roi_bbox,
     to_network,
@@ -279,6 +280,67 @@ def test_foreground_mask_keeps_largest_component_and_fills_holes():
     expected = np.zeros_like(mask)
     expected[5:30, 5:30, 5:30] = True
     assert np.array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.0, 2.5])
+def test_gaussian_over_threads_is_scipys_filter_exactly(sigma):
+    from scipy import ndimage
+
+    vol = np.random.default_rng(3).standard_normal((23, 9, 11)).astype(np.float32)
+    expected = ndimage.gaussian_filter(vol, sigma)
+    for workers in (None, 1, 2, 5, 23, 40):
+        np.testing.assert_array_equal(gaussian(vol, sigma, workers=workers), expected)
+
+
+def _whole_volume_mask(vol: np.ndarray, sigma: float, closing: int) -> np.ndarray:
+    """The mask's steps applied to the whole volume, with scipy's own hole filling."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(vol, sigma) if sigma > 0 else vol
+    root = np.sqrt(smooth - smooth.min())
+    hist, edges = np.histogram(root, bins=256, range=(float(root.min()), float(root.max())))
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist.astype(np.float64))
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centers)
+    between = w0 * w1 * (s0 / np.maximum(w0, 1) - (s0[-1] - s0) / np.maximum(w1, 1)) ** 2
+    mask = root > edges[int(np.argmax(between[:-1])) + 1]
+    ball = ndimage.generate_binary_structure(3, 1)
+    if closing > 0:
+        padded = ndimage.binary_closing(np.pad(mask, closing), ball, iterations=closing)
+        mask = padded[closing:-closing, closing:-closing, closing:-closing]
+    mask = ndimage.binary_fill_holes(mask)
+    for axis in range(3):
+        plane = np.zeros((3, 3, 3), dtype=bool)
+        index = [slice(None)] * 3
+        index[axis] = 1
+        plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
+        mask = ndimage.binary_fill_holes(mask, structure=plane)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(np.argmax(sizes))
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_foreground_mask_equals_its_steps_on_the_whole_volume(seed):
+    """Oracle: working inside the threshold's bounding box changes nothing, also for blobs
+    touching the border, holes, several (equal) components and every closing."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(12, 30, size=3))
+    vol = 100.0 * (ndimage.gaussian_filter(rng.standard_normal(shape), 1.5) > 0.15)
+    if seed % 2:  # two equal cubes far apart: the tie goes to the first in scan order
+        vol = np.zeros(shape)
+        vol[1:5, 1:5, 1:5] = vol[-5:-1, -5:-1, -5:-1] = 100.0
+    vol = (vol + rng.uniform(0, 5, shape)).astype(np.float32)
+    sigma, closing = [(0.0, 0), (1.0, 2), (0.7, 1), (0.0, 3)][seed % 4]
+    expected = _whole_volume_mask(vol, sigma, closing)
+    np.testing.assert_array_equal(foreground_mask(vol, sigma=sigma, closing=closing), expected)
+    assert expected.any()
 
 
 def test_foreground_mask_errors():

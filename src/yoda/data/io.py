@@ -361,7 +361,7 @@ def save_image(
     if dtype == "uint8":
         data = np.clip(np.rint(data), 0, 255).astype(np.uint8)
     else:
-        data = data.astype(np.float32)
+        data = data.astype(np.float32, copy=False)
     data = np.ascontiguousarray(data)
     img = _build_image(data, geometry, suffix)
     _verify_grid(img, geometry, path)

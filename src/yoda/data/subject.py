@@ -7,6 +7,7 @@ always sees inputs scaled exactly as in training.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from yoda.data.normalize import (
     roi_bbox,
     to_network,
 )
+from yoda.device import usable_cpus
 from yoda.errors import ConfigError, InputError
 
 
@@ -145,16 +147,22 @@ def prepare_subject(
     norm = resolve_normalization(normalization, names)
     arrays: dict[str, np.ndarray] = {}
     geoms: dict[str, io.Geometry] = {}
-    for name in dict.fromkeys([reference, *names]):
-        arrays[name], geoms[name] = io.load_image(images[name], name=prefix + name)
-        low, high = float(arrays[name].min()), float(arrays[name].max())
-        if not high > low:
-            raise InputError(
-                f"{prefix}{name} ({geoms[name].label}): the image is constant (every voxel is "
-                f"{low:.4g}); there is nothing to translate"
-            )
+    wanted = {name: images[name] for name in dict.fromkeys([reference, *names])}
     if mask is not None:
-        arrays["mask"], geoms["mask"] = io.load_image(mask, name=prefix + "mask")
+        wanted["mask"] = mask
+    # reading, converting and reorienting release the GIL: the images load side by side
+    with ThreadPoolExecutor(min(len(wanted), usable_cpus())) as pool:
+        loads = {k: pool.submit(io.load_image, src, name=prefix + k) for k, src in wanted.items()}
+        for name, load in loads.items():
+            arrays[name], geoms[name] = load.result()
+            if name == "mask":
+                continue
+            low, high = float(arrays[name].min()), float(arrays[name].max())
+            if not high > low:
+                raise InputError(
+                    f"{prefix}{name} ({geoms[name].label}): the image is constant (every voxel "
+                    f"is {low:.4g}); there is nothing to translate"
+                )
     try:
         io.check_same_grid(geoms)
     except InputError:
