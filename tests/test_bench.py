@@ -12,10 +12,10 @@ import torch
 from yoda.bench import (
     FIGURES,
     TARGETS,
-    _bench_network,
     _write_model,
     _write_subject,
     format_report,
+    random_network,
     run_bench,
 )
 from yoda.cli import main
@@ -31,7 +31,7 @@ SHAPE = (11, 14, 9)  # no side a multiple of 4: every view pads in-plane
 
 @pytest.fixture(scope="module")
 def net():
-    return _bench_network("tiny")
+    return random_network("tiny")
 
 
 @pytest.fixture(scope="module")
