@@ -95,7 +95,7 @@ def test_quick_bench_emits_every_figure(tmp_path):
     assert large["expa"]["seconds"] - reg == pytest.approx(step * (1004 - 3) / 248, rel=1e-3)
     # compiling with the eager backend runs the same kernels: the same output, bit for bit
     assert figures["compile_speedup"] > 0
-    assert result["details"]["option_max_abs_diff"]["compiled"] == 0
+    assert result["details"]["option_max_abs_diff"]["compiled"] <= 2e-5  # padded last batches
     assert result["compile"] == "eager" and result["channels_last"] is True
     assert set(a["per_slice_s"]) == {"16^3", "32^3", "64^3"}
     assert result["figures"]["peak_memory_translate_mb"] > 0.1  # a 32^3 translation allocates
@@ -155,15 +155,37 @@ def test_cli_parses_and_reports_errors(capsys):
 # --------------------------------------------------------------- options keep the results
 
 
-def test_source_cache_and_eager_compile_are_bitwise_identical(net, volume):
+def test_source_cache_and_attention_setting_are_bitwise_identical(net, volume):
     cond, x_t = volume
     ref = _plain(net, cond, x_t)
     assert ref.abs().mean() > 1e-2  # a non-trivial network output
     assert torch.equal(_plain(net, cond, x_t, cache_cond=True), ref)
     assert torch.equal(_plain(net, cond, x_t, flash_attention=True), ref)  # the model's own
-    den = VolumeDenoiser(net, make_schedule(), "v", cond, batch_size=64, compile="eager")
-    plain = VolumeDenoiser(net, make_schedule(), "v", cond, batch_size=64)
-    assert torch.equal(den(x_t[:1], 500, "coronal"), plain(x_t[:1], 500, "coronal"))
+
+
+def test_compiled_network_sees_one_batch_shape_per_view(net, volume):
+    """Partial batches are padded to the full batch for a compiled network (static shapes);
+    the padding rows leave the other rows' x0_hat as they were."""
+    from torch._dynamo.utils import counters
+
+    cond, x_t = volume
+    den = VolumeDenoiser(net, make_schedule(), "v", cond, batch_size=7, compile="eager")
+    compiled, shapes = den._net, {}
+
+    def spy(x, t, c):
+        shapes.setdefault(x.shape[-2:], set()).add((x.shape[0], len(t), c.shape[0]))
+        return compiled(x, t, c)
+
+    den._net = spy
+    graphs = counters["stats"]["unique_graphs"]
+    out = _all_views(den, x_t)  # 3 trajectories: 2 slices x 3 per call, then a partial call
+    assert len(shapes) == 3 and all(s == {(6, 6, 6)} for s in shapes.values()), shapes
+    assert counters["stats"]["unique_graphs"] - graphs == 3  # static: one graph per shape
+    torch.testing.assert_close(out, _plain(net, cond, x_t), rtol=0, atol=2e-5)
+    shapes.clear()
+    one = torch.stack([den(x_t[0], 999, view) for view in VIEWS])  # 1 trajectory: 7 slices
+    assert all(s == {(7, 7, 7)} for s in shapes.values()), shapes
+    torch.testing.assert_close(one, out[:, 0], rtol=0, atol=2e-5)
 
 
 def test_channels_last_and_attention_kernel_agree_to_float32_rounding(net, volume):

@@ -22,10 +22,11 @@ half with a 16-bit ``autocast_dtype``). Gathering the source slabs per batch cos
 1 % of the network time, so the cache is off by default.
 
 Options that change how, not what, the network computes (all off by default). On the CPU,
-``cache_cond``, ``compile="eager"`` and keeping the network's attention setting give bitwise
-the same ``x0_hat`` as the plain path; ``channels_last`` and switching the attention kernel
-change the order of float32 sums (differences ~1e-6 on the [-1, 1] scale); a 16-bit
-``autocast_dtype`` rounds to its precision (~1e-2):
+``cache_cond`` and keeping the network's attention setting give bitwise the same ``x0_hat`` as
+the plain path; ``channels_last``, switching the attention kernel and ``compile="eager"``
+(whose padded last batches change the convolutions' batch size) change the order of float32
+sums (differences ~1e-6 on the [-1, 1] scale); a 16-bit ``autocast_dtype`` rounds to its
+precision (~1e-2):
 
 - ``autocast_dtype``: bf16 (CPU, CUDA) or fp16 (CUDA) autocast of the network;
 - ``channels_last``: network inputs in the channels-last (NHWC) memory format, which the
@@ -187,9 +188,16 @@ def compile_network(model: nn.Module, option: str | bool | None) -> nn.Module | 
     option = check_compile_option(option)
     if option is None:
         return None
+    # static shapes: a volume's slices come in one batch shape per view (the denoiser pads
+    # the last batch), while a dynamic-shape recompilation of the network can take minutes
     if option in _COMPILE_BACKENDS:
-        return torch.compile(model, backend=option)
-    return torch.compile(model, mode=option)
+        return torch.compile(model, backend=option, dynamic=False)
+    return torch.compile(model, mode=option, dynamic=False)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` (the network treats rows independently)."""
+    return torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
 
 
 @contextlib.contextmanager
@@ -253,7 +261,9 @@ class VolumeDenoiser:
         network's setting.
     compile : str or bool, optional
         ``torch.compile`` the network with this mode (see ``COMPILE_MODES``; True is
-        "default"). Compiling takes a while at the first call of each input shape.
+        "default"). Compiling takes a while at the first call of each input shape; the last,
+        partial batch of each view is then padded with empty inputs to the full batch, so a
+        view has one input shape (its in-plane size, set by the volume and ``canvas``).
     canvas : (H, W), optional
         The in-plane size of the training slabs (a model card's ``training.slab_size``).
         Slices are centred on a canvas at least this large and padded with background, as
@@ -428,7 +438,9 @@ class VolumeDenoiser:
         out_view = to_view(out, view)  # a permuted view of the output buffer
         per_call = max(1, self.batch_size // n_vol)  # slices per forward pass
         vol_step = min(n_vol, self.batch_size)  # trajectories per forward pass
-        steps = torch.full((per_call * vol_step,), t, dtype=torch.long, device=self.device)
+        full = per_call * vol_step
+        one_shape = self._net is not self.model  # compiled: every batch of the view as large
+        steps = torch.full((full,), t, dtype=torch.long, device=self.device)
         for i0 in range(0, depth, per_call):
             i1 = min(i0 + per_call, depth)
             length = i1 - i0
@@ -442,11 +454,13 @@ class VolumeDenoiser:
                 rows = (b1 - b0) * length
                 x_slabs = extract_slabs(vols[b0:b1], n, _BACKGROUND, index)
                 c_slabs = cond_slabs.repeat(b1 - b0, 1, 1, 1) if b1 - b0 > 1 else cond_slabs
+                if one_shape and rows < full:
+                    x_slabs, c_slabs = _pad_rows(x_slabs, full), _pad_rows(c_slabs, full)
                 if self.channels_last:
                     x_slabs = x_slabs.contiguous(memory_format=torch.channels_last)
                     c_slabs = c_slabs.contiguous(memory_format=torch.channels_last)
                 with self._autocast():
-                    raw = self._net(x_slabs, steps[:rows], c_slabs)
+                    raw = self._net(x_slabs, steps[: len(x_slabs)], c_slabs)[:rows]
                 centre = xp[b0:b1, i0:i1].reshape(rows, 1, hp, wp)
                 x0 = predict_x0(self.schedule, self.prediction, raw.float(), centre, t)
                 out_view[b0:b1, i0:i1] = crop_inplane(x0.reshape(b1 - b0, length, hp, wp), pads)
