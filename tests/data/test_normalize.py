@@ -19,6 +19,7 @@ from yoda.data.normalize import (
     foreground_mask,
     from_network,
     gaussian,
+    in_parts,
     invert_intensity,
     roi_bbox,
     to_network,
@@ -292,6 +293,23 @@ def test_gaussian_over_threads_is_scipys_filter_exactly(sigma):
         np.testing.assert_array_equal(gaussian(vol, sigma, workers=workers), expected)
 
 
+def test_in_parts_gives_each_part_its_neighbours():
+    """A local function (a 3-wide moving sum along one axis) computed in parts: the same as
+    on the whole array with enough neighbours, and visibly wrong without them."""
+    arr = np.random.default_rng(4).standard_normal((5, 31, 6))
+
+    def moving_sum(a):
+        padded = np.pad(a, [(0, 0), (1, 1), (0, 0)])
+        return padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]
+
+    expected = moving_sum(arr)
+    for workers in (2, 4, 31):
+        parts = in_parts(moving_sum, arr, axis=1, halo=1, workers=workers)
+        np.testing.assert_allclose(parts, expected, rtol=0, atol=1e-12)
+    assert not np.allclose(in_parts(moving_sum, arr, axis=1, halo=0, workers=4), expected)
+    assert in_parts(np.negative, arr, axis=2, workers=3).tolist() == (-arr).tolist()
+
+
 def _whole_volume_mask(vol: np.ndarray, sigma: float, closing: int) -> np.ndarray:
     """The mask's steps applied to the whole volume, with scipy's own hole filling."""
     from scipy import ndimage
@@ -339,8 +357,23 @@ def test_foreground_mask_equals_its_steps_on_the_whole_volume(seed):
     vol = (vol + rng.uniform(0, 5, shape)).astype(np.float32)
     sigma, closing = [(0.0, 0), (1.0, 2), (0.7, 1), (0.0, 3)][seed % 4]
     expected = _whole_volume_mask(vol, sigma, closing)
-    np.testing.assert_array_equal(foreground_mask(vol, sigma=sigma, closing=closing), expected)
+    for workers in (None, 1, 3):  # parts over threads: the same mask
+        mask = foreground_mask(vol, sigma=sigma, closing=closing, workers=workers)
+        np.testing.assert_array_equal(mask, expected, err_msg=f"{workers} workers")
     assert expected.any()
+
+
+def test_foreground_mask_closes_a_gap_that_a_cut_between_parts_runs_through():
+    """Two slabs 3 voxels apart, joined by the closing (2 iterations); the cut between two
+    parts runs through the gap, so each part must see the other slab."""
+    vol = np.random.default_rng(0).uniform(0, 1, (30, 12, 12)).astype(np.float32)
+    vol[6:14] += 100.0
+    vol[17:25] += 100.0
+    expected = _whole_volume_mask(vol, 0.0, 2)
+    assert expected[14:17, 2:-2, 2:-2].all() and not expected[:6].any()  # the gap closed
+    for workers in (1, 2, 3):
+        mask = foreground_mask(vol, sigma=0.0, closing=2, workers=workers)
+        np.testing.assert_array_equal(mask, expected, err_msg=f"{workers} workers")
 
 
 def test_foreground_mask_errors():

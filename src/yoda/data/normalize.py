@@ -29,8 +29,10 @@ Masks: :func:`foreground_mask` finds the head (or brain) when no mask is given;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,8 @@ __all__ = [
     "fit_intensity",
     "foreground_mask",
     "from_network",
+    "gaussian",
+    "in_parts",
     "invert_intensity",
     "roi_bbox",
     "to_network",
@@ -218,32 +222,53 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[k + 1])
 
 
-def gaussian(vol: np.ndarray, sigma: float, workers: int | None = None) -> np.ndarray:
-    """``scipy.ndimage.gaussian_filter`` of a 3-D float32 volume, split over threads.
+def in_parts(
+    fn: Callable[[np.ndarray], np.ndarray],
+    arr: np.ndarray,
+    *,
+    axis: int = 0,
+    halo: int = 0,
+    workers: int | None = None,
+) -> np.ndarray:
+    """``fn(arr)`` computed in parts along ``axis`` over threads (numpy and scipy release the GIL).
 
-    The volume is cut along its first axis into one part per worker, each with the kernel's
-    radius of neighbours on both sides, so every voxel gets exactly scipy's value; scipy
-    releases the GIL while it filters. ``workers``: default one per usable core (at most 8)
-    for volumes of 2^21 voxels or more, else 1.
+    ``fn`` must keep the shape and be local along ``axis``: an output value depends on input
+    values at most ``halo`` positions away. Each part is computed with ``halo`` neighbours on
+    both sides, so every value is exactly ``fn(arr)``'s. ``workers``: default one per usable
+    core (at most 8) for arrays of 2^21 values or more, else 1.
     """
-    truncate = 4.0
-    radius = int(truncate * sigma + 0.5)  # scipy's kernel radius
-    n = vol.shape[0]
+    n = arr.shape[axis]
     if workers is None:
-        workers = min(usable_cpus(), 8) if vol.size >= 2**21 else 1
+        workers = min(usable_cpus(), 8) if arr.size >= 2**21 else 1
     workers = max(1, min(int(workers), n))
     if workers == 1:
-        return ndimage.gaussian_filter(vol, sigma, truncate=truncate)
-    out = np.empty(vol.shape, dtype=np.float32)
-    cuts = np.linspace(0, n, workers + 1).astype(int)
+        return fn(arr)
+    cuts = [int(c) for c in np.linspace(0, n, workers + 1)]
 
-    def part(a: int, b: int) -> None:
-        lo, hi = max(a - radius, 0), min(b + radius, n)
-        out[a:b] = ndimage.gaussian_filter(vol[lo:hi], sigma, truncate=truncate)[a - lo : b - lo]
+    def along(lo: int, hi: int) -> tuple[slice, ...]:
+        index = [slice(None)] * arr.ndim
+        index[axis] = slice(lo, hi)
+        return tuple(index)
+
+    def part(a: int, b: int) -> np.ndarray:
+        lo, hi = max(a - halo, 0), min(b + halo, n)
+        return fn(arr[along(lo, hi)])[along(a - lo, b - lo)]
 
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(part, cuts[:-1], cuts[1:]))
-    return out
+        return np.concatenate(list(pool.map(part, cuts[:-1], cuts[1:])), axis=axis)
+
+
+def gaussian(vol: np.ndarray, sigma: float, workers: int | None = None) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter`` of a volume, computed in parts over threads
+    (:func:`in_parts`): exactly scipy's values."""
+    truncate = 4.0
+    radius = int(truncate * sigma + 0.5)  # scipy's kernel radius
+    return in_parts(
+        lambda v: ndimage.gaussian_filter(v, sigma, truncate=truncate),
+        vol,
+        halo=radius,
+        workers=workers,
+    )
 
 
 def fill_holes(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -277,7 +302,12 @@ def fill_holes(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
 
 
 def foreground_mask(
-    vol: np.ndarray, *, sigma: float = 1.0, closing: int = 2, name: str = "image"
+    vol: np.ndarray,
+    *,
+    sigma: float = 1.0,
+    closing: int = 2,
+    name: str = "image",
+    workers: int | None = None,
 ) -> np.ndarray:
     """Head (or brain) foreground mask of an MRI volume.
 
@@ -293,6 +323,7 @@ def foreground_mask(
     sigma : smoothing width in voxels (0 disables).
     closing : closing iterations (0 disables).
     name : what the image is, for error messages.
+    workers : threads of the local steps (:func:`in_parts`; the result does not depend on it).
 
     Returns
     -------
@@ -305,7 +336,7 @@ def foreground_mask(
     vol = np.asarray(vol, dtype=np.float32)
     if vol.ndim != 3:
         raise InputError(f"{name}: expected a 3-D volume, got shape {vol.shape}")
-    smooth = gaussian(vol, sigma) if sigma > 0 else vol
+    smooth = gaussian(vol, sigma, workers) if sigma > 0 else vol
     if not smooth.max() > smooth.min():
         raise InputError(f"{name}: the image is constant; no foreground can be found")
     # Otsu on the square root of the intensities: the compression of bright values puts the
@@ -323,15 +354,13 @@ def foreground_mask(
     # it runs on the box alone: the same result, less work.
     mask = full[box]
     if closing > 0:
-        # Pad so that closing does not erode structures touching the volume border.
-        pad = closing
-        padded = np.pad(mask, pad)
-        ball = ndimage.generate_binary_structure(3, 1)
-        padded = ndimage.binary_closing(padded, structure=ball, iterations=closing)
-        mask = padded[pad:-pad, pad:-pad, pad:-pad]
+        # dilation and erosion reach `closing` voxels each: parts need twice that around them
+        mask = in_parts(
+            partial(_closing, iterations=closing), mask, halo=2 * closing, workers=workers
+        )
     mask = fill_holes(mask)
-    for axis in range(3):
-        mask = fill_holes(mask, axis=axis)
+    for axis in range(3):  # slice by slice: parts along the axis need no neighbours
+        mask = in_parts(partial(fill_holes, axis=axis), mask, axis=axis, workers=workers)
     labels, n = ndimage.label(mask)
     if n > 1:
         sizes = np.bincount(labels.ravel())
@@ -339,6 +368,15 @@ def foreground_mask(
         mask = labels == int(np.argmax(sizes))
     out[box] = mask
     return out
+
+
+def _closing(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Binary closing with the 6-neighbourhood, padded so that it does not erode structures
+    touching the array's border."""
+    pad = iterations
+    ball = ndimage.generate_binary_structure(3, 1)
+    padded = ndimage.binary_closing(np.pad(mask, pad), structure=ball, iterations=iterations)
+    return padded[pad:-pad, pad:-pad, pad:-pad]
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
