@@ -89,6 +89,9 @@ def main() -> None:
             continue
         if only is not None and name not in only:
             continue
+        if comp:
+            # compiled code ran under another autocast dtype is otherwise reused as it is
+            torch._dynamo.reset()
         den = VolumeDenoiser(
             compiled if comp else net, sched, "v", cond, batch_size=args.batch_size,
             autocast_dtype=amp, channels_last=cl, device=dev,
