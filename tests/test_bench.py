@@ -22,7 +22,7 @@ from yoda.cli import main
 from yoda.diffusion import sampling
 from yoda.diffusion.schedule import make_schedule
 from yoda.errors import ConfigError
-from yoda.model.denoiser import VolumeDenoiser
+from yoda.model.denoiser import VolumeDenoiser, compile_network
 from yoda.translate import Translator
 from yoda.volume.views import VIEWS
 
@@ -176,6 +176,7 @@ def test_compiled_network_sees_one_batch_shape_per_view(net, volume):
         shapes.setdefault(x.shape[-2:], set()).add((x.shape[0], len(t), c.shape[0]))
         return compiled(x, t, c)
 
+    spy._orig_mod = compiled._orig_mod  # the spy passes for the compiled network it wraps
     den._net = spy
     graphs = counters["stats"]["unique_graphs"]
     out = _all_views(den, x_t)  # 3 trajectories: 2 slices x 3 per call, then a partial call
@@ -186,6 +187,13 @@ def test_compiled_network_sees_one_batch_shape_per_view(net, volume):
     one = torch.stack([den(x_t[0], 999, view) for view in VIEWS])  # 1 trajectory: 7 slices
     assert all(s == {(7, 7, 7)} for s in shapes.values()), shapes
     torch.testing.assert_close(one, out[:, 0], rtol=0, atol=2e-5)
+    # a network compiled beforehand (as Translator and the bench pass it) is padded alike
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    given = VolumeDenoiser(net_compiled := compile_network(net, "eager"), make_schedule(), "v",
+                           cond, batch_size=7)  # fmt: skip
+    torch.testing.assert_close(_all_views(given, x_t), out, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] - graphs == 3 and net_compiled is given._net
 
 
 def test_channels_last_and_attention_kernel_agree_to_float32_rounding(net, volume):

@@ -177,6 +177,11 @@ def check_compile_option(option: str | bool | None) -> str | None:
     return option
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (given compiled or compiled here)."""
+    return hasattr(model, "_orig_mod")
+
+
 def compile_network(model: nn.Module, option: str | bool | None) -> nn.Module | None:
     """``torch.compile`` a network for inference with a ``COMPILE_MODES`` option.
 
@@ -439,7 +444,7 @@ class VolumeDenoiser:
         per_call = max(1, self.batch_size // n_vol)  # slices per forward pass
         vol_step = min(n_vol, self.batch_size)  # trajectories per forward pass
         full = per_call * vol_step
-        one_shape = self._net is not self.model  # compiled: every batch of the view as large
+        one_shape = is_compiled(self._net)  # compiled: every batch of the view as large
         steps = torch.full((full,), t, dtype=torch.long, device=self.device)
         for i0 in range(0, depth, per_call):
             i1 = min(i0 + per_call, depth)
