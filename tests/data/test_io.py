@@ -586,3 +586,31 @@ def test_resample_like_identity_and_integer_shift():
     assert np.all(out[-1] == 0)
     with pytest.raises(InputError):
         resample_like(arr[:-1], geom, geom)
+
+
+def test_reading_in_threads_restores_the_nibabel_logger(tmp_path):
+    """Overlapping reads keep nibabel's messages off while any runs, and switch the logger back
+    to its former state when the last one ends."""
+    import threading
+    import time
+
+    from yoda.data import io
+
+    logger = nib.imageglobals.logger
+    assert not logger.disabled
+    inside, start = [], threading.Barrier(6)
+
+    def read(k: int) -> None:
+        start.wait()
+        with io._quiet_nibabel():
+            time.sleep(0.001 * (k % 3))
+            inside.append(logger.disabled)
+
+    for _ in range(20):
+        threads = [threading.Thread(target=read, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not logger.disabled
+    assert all(inside) and len(inside) == 120

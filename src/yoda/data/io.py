@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,16 +255,30 @@ def _check_data_size(img: SpatialImage, path: Path, name: str) -> None:
         )
 
 
+_QUIET_LOCK = threading.Lock()
+_QUIET = {"depth": 0, "before": False}
+
+
 @contextlib.contextmanager
 def _quiet_nibabel() -> Iterator[None]:
-    """Keep nibabel's header-fixing messages ("setting 0 dims to 1", ...) off stderr."""
+    """Keep nibabel's header-fixing messages ("setting 0 dims to 1", ...) off stderr.
+
+    Images load in threads: the logger is switched off by the first reader in and back to
+    its former state by the last one out.
+    """
     logger = nib.imageglobals.logger
-    disabled = logger.disabled
-    logger.disabled = True
+    with _QUIET_LOCK:
+        if _QUIET["depth"] == 0:
+            _QUIET["before"] = logger.disabled
+            logger.disabled = True
+        _QUIET["depth"] += 1
     try:
         yield
     finally:
-        logger.disabled = disabled
+        with _QUIET_LOCK:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                logger.disabled = _QUIET["before"]
 
 
 def _from_pair(src: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
