@@ -364,14 +364,14 @@ def test_foreground_mask_equals_its_steps_on_the_whole_volume(seed):
 
 
 def test_foreground_mask_closes_a_gap_that_a_cut_between_parts_runs_through():
-    """Two slabs 3 voxels apart, joined by the closing (2 iterations); the cut between two
-    parts runs through the gap, so each part must see the other slab."""
+    """Two slabs 4 voxels apart, the widest gap that the closing (2 iterations) joins; with a
+    cut between parts at every slice, each part must see 4 slices on either side."""
     vol = np.random.default_rng(0).uniform(0, 1, (30, 12, 12)).astype(np.float32)
     vol[6:14] += 100.0
-    vol[17:25] += 100.0
+    vol[18:26] += 100.0
     expected = _whole_volume_mask(vol, 0.0, 2)
-    assert expected[14:17, 2:-2, 2:-2].all() and not expected[:6].any()  # the gap closed
-    for workers in (1, 2, 3):
+    assert expected[14:18, 2:-2, 2:-2].all() and not expected[:6].any()  # the gap closed
+    for workers in (1, 2, 3, 30):
         mask = foreground_mask(vol, sigma=0.0, closing=2, workers=workers)
         np.testing.assert_array_equal(mask, expected, err_msg=f"{workers} workers")
 

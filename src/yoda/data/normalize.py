@@ -259,12 +259,11 @@ def in_parts(
 
 
 def gaussian(vol: np.ndarray, sigma: float, workers: int | None = None) -> np.ndarray:
-    """``scipy.ndimage.gaussian_filter`` of a volume, computed in parts over threads
-    (:func:`in_parts`): exactly scipy's values."""
-    truncate = 4.0
-    radius = int(truncate * sigma + 0.5)  # scipy's kernel radius
+    """``scipy.ndimage.gaussian_filter`` with one ``sigma`` for every axis, computed in parts
+    over threads (:func:`in_parts`): exactly scipy's values (its default kernel of 4 sigma)."""
+    radius = int(4.0 * float(sigma) + 0.5)
     return in_parts(
-        lambda v: ndimage.gaussian_filter(v, sigma, truncate=truncate),
+        lambda v: ndimage.gaussian_filter(v, sigma, radius=radius),
         vol,
         halo=radius,
         workers=workers,
