@@ -342,7 +342,6 @@ class VolumeDenoiser:
         self.cond = cond.detach().to(device=self.device, dtype=torch.float32)
         self.shape = tuple(self.cond.shape[1:])
         self.nfe = 0
-        self._last_batch_shape: tuple[int, ...] | None = None
         self._cache: dict[str, tuple[torch.Tensor, tuple[int, int, int, int]]] = {}
         # schedule tables made outside inference mode stay usable by autograd elsewhere
         schedule.coefficients(self.device, torch.float32)
@@ -413,11 +412,12 @@ class VolumeDenoiser:
         t = int(t)
         x_t = x_t.to(device=self.device, dtype=torch.float32)
         if self.device.type == "cpu":
-            # batches of another size than the last call's would not fit the freed blocks
+            # batches of another size than the process's last ones would not fit the freed
+            # blocks (the heap is the process's: the next volume of the same size reuses them)
             batch_shape = (x_t.shape[0], *to_view(x_t, view).shape[2:])
-            if batch_shape != self._last_batch_shape:
+            if batch_shape != _ALLOCATOR.get("last_batch_shape"):
                 release_cpu_memory()
-            self._last_batch_shape = batch_shape
+            _ALLOCATOR["last_batch_shape"] = batch_shape
         out = torch.empty(x_t.shape, dtype=torch.float32, device=self.device)
         # eval mode for the call, then each module's own mode back; only the modules in
         # training mode are switched (Module.train/eval would recurse over all, twice)
