@@ -206,6 +206,17 @@ def test_tissue_is_more_stable_than_percentile():
 # foreground mask
 
 
+def _in_slice_structure(axis: int) -> np.ndarray:
+    """The 4-neighbourhood within the slices along ``axis``, as a 3-D structuring element."""
+    from scipy import ndimage
+
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    index = [slice(None)] * 3
+    index[axis] = 1
+    plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
+    return plane
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_fill_holes_equals_scipys_propagation(seed):
     """Oracle: scipy's binary_fill_holes, in 3-D and slice by slice along each axis."""
@@ -223,11 +234,7 @@ def test_fill_holes_equals_scipys_propagation(seed):
     assert fill_holes(mask)[inner].all() and not mask[inner].all()
     np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
     for axis in range(3):
-        plane = np.zeros((3, 3, 3), dtype=bool)
-        index = [slice(None)] * 3
-        index[axis] = 1
-        plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
-        expected = ndimage.binary_fill_holes(mask, structure=plane)
+        expected = ndimage.binary_fill_holes(mask, structure=_in_slice_structure(axis))
         np.testing.assert_array_equal(fill_holes(mask, axis=axis), expected, err_msg=str(axis))
     assert not fill_holes(np.zeros(shape, bool)).any() and fill_holes(np.ones(shape, bool)).all()
     np.testing.assert_array_equal(fill_holes(mask, axis=-1), fill_holes(mask, axis=2))
@@ -329,11 +336,7 @@ def _whole_volume_mask(vol: np.ndarray, sigma: float, closing: int) -> np.ndarra
         mask = padded[closing:-closing, closing:-closing, closing:-closing]
     mask = ndimage.binary_fill_holes(mask)
     for axis in range(3):
-        plane = np.zeros((3, 3, 3), dtype=bool)
-        index = [slice(None)] * 3
-        index[axis] = 1
-        plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
-        mask = ndimage.binary_fill_holes(mask, structure=plane)
+        mask = ndimage.binary_fill_holes(mask, structure=_in_slice_structure(axis))
     labels, n = ndimage.label(mask)
     if n > 1:
         sizes = np.bincount(labels.ravel())
