@@ -133,6 +133,22 @@ def test_bad_input_gives_one_clear_line(case, tiny_model, subject, bad, tmp_path
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("t1w", "t2w", "words"),
+    [("nan", "truncated", "NaN or Inf"), ("truncated", "constant", "damaged or truncated"),
+     ("constant", "nan", "the image is constant")],
+)  # fmt: skip
+def test_of_several_bad_inputs_the_first_is_reported(
+    t1w, t2w, words, tiny_model, bad, tmp_path, capsys
+):
+    """The sources load side by side; the error is the first source's, as when read in turn."""
+    out = tmp_path / "flair.nii.gz"
+    assert main(translate_args(tiny_model, out, t1w=bad[t1w], t2w=bad[t2w])) == 1
+    line = one_error_line(capsys)
+    assert words in line and bad[t1w].name in line and bad[t2w].name not in line, line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_header_declaring_more_data_than_the_file_holds(suffix, tmp_path):
     """Refused before nibabel allocates the declared (here 140 TB) array."""
