@@ -336,12 +336,13 @@ def foreground_mask(
     if vol.ndim != 3:
         raise InputError(f"{name}: expected a 3-D volume, got shape {vol.shape}")
     smooth = gaussian(vol, sigma, workers) if sigma > 0 else vol
-    if not smooth.max() > smooth.min():
+    low = smooth.min()
+    if not smooth.max() > low:
         raise InputError(f"{name}: the image is constant; no foreground can be found")
     # Otsu on the square root of the intensities: the compression of bright values puts the
     # cut between background and dark tissue (CSF at the edge of a skull-stripped brain, a
     # scalp dimmed by a bias field) yet keeps it well above the noise floor.
-    root = smooth - smooth.min()
+    root = smooth - low
     np.sqrt(root, out=root)
     full = root > _otsu(root)
     out = np.zeros(full.shape, dtype=bool)
