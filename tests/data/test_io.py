@@ -20,6 +20,7 @@ from nibabel.orientations import (
 from yoda.data.io import (
     Geometry,
     check_same_grid,
+    copy_in_order,
     load_image,
     read_voxel_size,
     resample_like,
@@ -614,3 +615,25 @@ def test_reading_in_threads_restores_the_nibabel_logger(tmp_path):
             t.join()
         assert not logger.disabled
     assert all(inside) and len(inside) == 120
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_copy_in_order_equals_numpys_copy(seed):
+    """Tiled copies of reoriented views (flips and permutations, as loading and saving make)
+    equal numpy's, in both memory orders, with casts, over any number of threads."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(1, 23, size=3))
+    arr = rng.standard_normal(shape) * 100
+    view = np.asfortranarray(arr) if seed % 2 else arr
+    view = view.transpose(rng.permutation(3))[:: rng.choice([-1, 1]), :, :: rng.choice([-1, 1])]
+    for order in ("C", "F"):
+        for dtype in (None, np.float32, np.int16):
+            expected = np.array(view, dtype=dtype, order=order)
+            for workers in (1, 3, None):
+                out = copy_in_order(view, order, dtype=dtype, workers=workers)
+                assert out.dtype == expected.dtype and out.shape == view.shape
+                assert out.flags["C_CONTIGUOUS" if order == "C" else "F_CONTIGUOUS"]
+                assert not np.shares_memory(out, arr)
+                np.testing.assert_array_equal(out, expected, err_msg=f"{order} {dtype} {workers}")
+    with pytest.raises(ConfigError, match="memory order"):
+        copy_in_order(arr, "K")

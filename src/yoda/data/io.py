@@ -20,6 +20,7 @@ import os
 import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,14 @@ from nibabel.spatialimages import HeaderDataError, SpatialImage
 from scipy import ndimage
 
 from yoda.atomic import atomic_path
+from yoda.device import usable_cpus
 from yoda.errors import ConfigError, GridMismatchError, InputError
 
 __all__ = [
     "OUTPUT_DTYPES",
     "Geometry",
     "check_same_grid",
+    "copy_in_order",
     "load_image",
     "read_voxel_size",
     "resample_like",
@@ -195,9 +198,55 @@ def load_image(src: Any, *, name: str = "image") -> tuple[np.ndarray, Geometry]:
     if bad:
         raise InputError(f"{label}: {bad} voxel(s) are NaN or Inf")
     ornt = io_orientation(affine)
-    canonical = np.ascontiguousarray(apply_orientation(data, ornt), dtype=np.float32)
+    canonical = copy_in_order(apply_orientation(data, ornt), "C", dtype=np.float32)
     geom = Geometry(affine=affine, shape=shape, header=header, ornt=ornt, path=path)
     return canonical, geom
+
+
+#: Side of the tiles in which :func:`copy_in_order` transposes.
+_TILE = 8
+
+
+def copy_in_order(
+    arr: np.ndarray, order: str, *, dtype: Any = None, workers: int | None = None
+) -> np.ndarray:
+    """A new array equal to ``arr`` (cast to ``dtype``) in C or Fortran memory ``order``.
+
+    Changing the memory order is a transposition. Copied element by element, each read of the
+    source touches another cache line; copied in tiles of the source's and the destination's
+    fastest axes, each line is read once (3x faster on 256^3). The tiles are split over
+    ``workers`` threads (default: one per usable core, at most 8, for 2^21 values or more).
+    """
+    if order not in ("C", "F"):
+        raise ConfigError(f"memory order must be 'C' or 'F', got {order!r}")
+    arr = np.asarray(arr)
+    out = np.empty(arr.shape, dtype=arr.dtype if dtype is None else dtype, order=order)
+    strides = [abs(st) if n > 1 else np.inf for st, n in zip(arr.strides, arr.shape, strict=True)]
+    dst = arr.ndim - 1 if order == "C" else 0
+    src = int(np.argmin(strides)) if arr.ndim > 1 else dst
+    if src == dst or arr.size == 0:
+        out[...] = arr
+        return out
+    tiles = [
+        (i, j) for i in range(0, arr.shape[src], _TILE) for j in range(0, arr.shape[dst], _TILE)
+    ]
+
+    def copy(part: list[tuple[int, int]]) -> None:
+        index: list[Any] = [slice(None)] * arr.ndim
+        for i, j in part:
+            index[src], index[dst] = slice(i, i + _TILE), slice(j, j + _TILE)
+            out[tuple(index)] = arr[tuple(index)]
+
+    if workers is None:
+        workers = min(usable_cpus(), 8) if arr.size >= 2**21 else 1
+    workers = max(1, min(int(workers), len(tiles)))
+    if workers == 1:
+        copy(tiles)
+    else:
+        cuts = np.linspace(0, len(tiles), workers + 1).astype(int)
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(copy, [tiles[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
+    return out
 
 
 def read_voxel_size(path: str | os.PathLike, *, name: str = "image") -> tuple[float, float, float]:
@@ -374,10 +423,10 @@ def save_image(
 
     data = apply_orientation(array, ornt_transform(_RAS, geometry.ornt))
     if dtype == "uint8":
-        data = np.clip(np.rint(data), 0, 255).astype(np.uint8)
-    else:
-        data = data.astype(np.float32, copy=False)
-    data = np.ascontiguousarray(data)
+        data = np.clip(np.rint(data), 0, 255)
+    # the formats store the first axis fastest: written from Fortran order, the data is copied
+    # to the file as it is
+    data = copy_in_order(data, "F", dtype=np.uint8 if dtype == "uint8" else np.float32)
     img = _build_image(data, geometry, suffix)
     _verify_grid(img, geometry, path)
 
