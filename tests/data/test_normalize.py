@@ -345,6 +345,40 @@ def _whole_volume_mask(vol: np.ndarray, sigma: float, closing: int) -> np.ndarra
     return mask
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_slice_filling_fills_every_3d_hole(seed):
+    """What lets the mask skip the 3-D filling: filling holes slice by slice along any axis
+    gives the same mask with or without filling the 3-D holes first."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(100 + seed)
+    shape = tuple(rng.integers(5, 19, size=3))
+    mask = ndimage.gaussian_filter(rng.standard_normal(shape), 1.0) > rng.uniform(-0.3, 0.3)
+    ends = [max(5, n - 2) for n in shape]  # a closed box with holes inside, blobs around it
+    mask[tuple(slice(1, e) for e in ends)] = True
+    inner = tuple(slice(2, e - 1) for e in ends)
+    mask[inner] = rng.random(mask[inner].shape) < 0.5
+    assert not np.array_equal(fill_holes(mask), mask)  # there are 3-D holes to fill
+    for axis in range(3):
+        np.testing.assert_array_equal(
+            fill_holes(mask, axis=axis), fill_holes(fill_holes(mask), axis=axis), str(axis)
+        )
+
+
+def test_otsu_counts_in_parts_exactly():
+    """Values exactly on bin edges fall in the same bin whatever the parts."""
+    from yoda.data.normalize import _otsu
+
+    rng = np.random.default_rng(3)
+    edges = np.linspace(0.0, 1.0, 257, dtype=np.float32)
+    values = np.concatenate([rng.choice(edges, 5000), rng.beta(2, 5, 7001).astype(np.float32)])
+    plain_hist, plain_edges = np.histogram(values, bins=256, range=(0.0, 1.0))
+    one = _otsu(values, workers=1)
+    assert one in plain_edges.tolist()
+    for workers in (2, 3, 7):
+        assert _otsu(values, workers=workers) == one
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_foreground_mask_equals_its_steps_on_the_whole_volume(seed):
     """Oracle: working inside the threshold's bounding box changes nothing, also for blobs
