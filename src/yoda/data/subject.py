@@ -184,11 +184,15 @@ def prepare_subject(
             )
     bbox = roi_bbox(brain, tuple(int(m) for m in margins), name=prefix + "mask")
     data = np.empty((len(names), *(b.stop - b.start for b in bbox)), dtype=np.float32)
-    intensities = {}
-    for c, name in enumerate(names):
+
+    def normalize(c: int, name: str) -> Intensity:
         inten = fit_intensity(arrays[name], brain, name=prefix + name, **norm[name])
-        intensities[name] = inten
         data[c] = to_network(apply_intensity(crop(arrays[name], bbox), inten))
+        return inten
+
+    # one thread per image, as for reading; the first image's error is raised first
+    with ThreadPoolExecutor(min(len(names), usable_cpus())) as pool:
+        intensities = dict(zip(names, pool.map(normalize, range(len(names)), names), strict=True))
     return PreparedSubject(
         data=data,
         bbox=bbox,
