@@ -207,6 +207,7 @@ def test_sidecar_samples_and_std(tiny_model, sources, tmp_path, capsys):
     assert info["nfe"] == 4 and info["seed"] == 7 and info["n_ex"] == 2
     assert info["yoda_version"] == __version__
     assert 0 < info["sampling_seconds"] <= info["seconds"]
+    assert 0 < info["prepare_seconds"] <= info["seconds"] - info["sampling_seconds"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "flair.json",
         "flair.nii.gz",

@@ -349,6 +349,7 @@ class Translator:
             resample=resample,
         )
         cond = torch.from_numpy(prep.data).to(self.device)
+        prepare_seconds = time.perf_counter() - start
         denoiser = VolumeDenoiser(
             self.network,
             self.schedule,
@@ -426,6 +427,7 @@ class Translator:
             "precision": self.precision,
             "device": str(self.device),
             "seconds": round(time.perf_counter() - start, 3),
+            "prepare_seconds": round(prepare_seconds, 3),
             "sampling_seconds": round(sampling_seconds, 3),
             "yoda_version": __version__,
             "warnings": warnings,
