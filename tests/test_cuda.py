@@ -48,7 +48,7 @@ def sources(subject) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def cuda_regression(tiny_model, sources) -> np.ndarray:
     """fp32 regression on the GPU (its x_T comes from a CUDA generator: not the CPU's)."""
-    res = Translator.load(tiny_model, device="cuda").translate(sources, seed=0)
+    res = Translator.load(tiny_model, device="cuda", precision="fp32").translate(sources, seed=0)
     assert res.info["device"].startswith("cuda")
     assert 0 < res.info["sampling_seconds"] <= res.info["seconds"]
     return res.image
@@ -79,13 +79,14 @@ def test_regression_on_cuda_differs_from_the_cpu_as_another_seed_does(
     assert np.abs(cuda_regression - cpu).max() <= 2 * spread + 127.5 * FP32_ATOL
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
 def test_reduced_precision_on_cuda_within_tolerance(
     tiny_model, sources, cuda_regression, precision
 ):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     tr = Translator.load(tiny_model, device="cuda", precision=precision)
+    assert tr.precision == ("fp16" if precision == "auto" else precision)
     out = tr.translate(sources, seed=0).image
     diff = np.abs(out - cuda_regression)  # the same seed on the same device: the same x_T
     assert diff.max() <= AMP_ATOL and diff.mean() <= AMP_ATOL / 10
@@ -96,7 +97,7 @@ def test_reduced_precision_on_cuda_within_tolerance(
     "options", [{"channels_last": True}, {"compile": "reduce-overhead"}, {"batch_size": 5}]
 )
 def test_speed_options_on_cuda_keep_the_translation(tiny_model, sources, cuda_regression, options):
-    tr = Translator.load(tiny_model, device="cuda", **options)
+    tr = Translator.load(tiny_model, device="cuda", precision="fp32", **options)
     first = tr.translate(sources, seed=0).image
     if "compile" in options:  # the network really ran as CUDA graphs
         from torch._dynamo.utils import counters
@@ -110,7 +111,7 @@ def test_speed_options_on_cuda_keep_the_translation(tiny_model, sources, cuda_re
 
 
 def test_diffusion_on_cuda_is_seeded(tiny_model, sources, cuda_regression):
-    tr = Translator.load(tiny_model, device="cuda")
+    tr = Translator.load(tiny_model, device="cuda", precision="fp32")
     a = tr.translate(sources, mode="expa", n_ex=2, steps=3, seed=1).image
     b = tr.translate(sources, mode="expa", n_ex=2, steps=3, seed=1).image
     c = tr.translate(sources, mode="expa", n_ex=2, steps=3, seed=2).image

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
@@ -16,7 +18,7 @@ from yoda import __version__
 from yoda.cli import main
 from yoda.data import io
 from yoda.diffusion import sampling
-from yoda.errors import ModelError
+from yoda.errors import ConfigError, ModelError
 from yoda.model.checkpoint import read_card
 from yoda.translate import Translator, domain_warnings
 from yoda.volume.views import VIEWS
@@ -258,6 +260,36 @@ def test_cli_speed_options_keep_the_translation(
     assert _cli(tiny_model, sources, tmp_path / "b.nii.gz", "--compile", "fastest") == 1
     assert "unknown compile option 'fastest'" in _one_line_error(capsys)
     assert not (tmp_path / "b.nii.gz").exists()
+
+
+def test_auto_precision_is_fp16_on_cuda_and_fp32_on_the_cpu(tiny_model):
+    from yoda.device import inference_precision
+
+    assert inference_precision("auto", torch.device("cuda")) == "fp16"
+    assert inference_precision("auto", torch.device("cpu")) == "fp32"
+    assert inference_precision("bf16", torch.device("cuda")) == "bf16"
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        inference_precision("fp64", torch.device("cpu"))
+    tr = Translator.load(tiny_model, device="cpu")
+    assert tr.precision == "fp32" and tr.amp_dtype is None
+
+
+@pytest.mark.parametrize(
+    ("precision", "hint"), [("bf16", " in bf16; use --precision fp32"), ("fp32", "")]
+)
+def test_a_network_that_overflows_is_refused_with_a_hint(tiny_model, sources, precision, hint):
+    """Non-finite network outputs (fp16 overflow) stop the translation with the way out."""
+    tr = Translator.load(tiny_model, device="cpu", precision=precision)
+
+    def overflow(_module, _args, out):
+        return torch.full_like(out, float("nan"))  # what an overflow (inf - inf) leaves
+
+    hook = tr.model.register_forward_hook(overflow)
+    try:
+        with pytest.raises(ModelError, match=re.escape(f"non-finite values{hint}") + "$"):
+            tr.translate(sources, views="axial")
+    finally:
+        hook.remove()
 
 
 # ------------------------------------------------------------------------------------------

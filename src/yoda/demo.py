@@ -74,7 +74,7 @@ def run_demo(
     train_steps: int = 600,
     model_dir: str | os.PathLike | None = None,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     expa_sizes: tuple[int, ...] = EXPA_SIZES,
     progress: bool = True,
     log: Callable[[str], None] = print,

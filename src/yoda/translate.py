@@ -30,10 +30,10 @@ from yoda.data.normalize import (
     uncrop,
 )
 from yoda.data.subject import PreparedSubject, prepare_subject
-from yoda.device import autocast_dtype, resolve_device
+from yoda.device import autocast_dtype, inference_precision, resolve_device
 from yoda.diffusion import sampling
 from yoda.diffusion.schedule import make_schedule
-from yoda.errors import ConfigError, InputError
+from yoda.errors import ConfigError, InputError, ModelError
 from yoda.model.checkpoint import ModelCard, load_model
 from yoda.model.denoiser import VolumeDenoiser, compile_network
 from yoda.volume.gamma import GAMMA_METHODS, slice_correction
@@ -214,7 +214,8 @@ class Translator:
     Use :meth:`load`; then :meth:`translate` as often as needed.
 
     Speed options (the output is the same; see :class:`yoda.model.denoiser.VolumeDenoiser`):
-    ``precision`` ("bf16" or, on CUDA, "fp16" autocast; within reduced-precision rounding),
+    ``precision`` ("auto": fp16 on CUDA, fp32 on the CPU; "bf16" or, on CUDA, "fp16" autocast
+    are within reduced-precision rounding of "fp32"),
     ``channels_last`` (NHWC network inputs; equal up to float32 rounding), ``flash_attention``
     (fused or plain attention; None keeps the model's setting) and ``compile`` (a
     ``torch.compile`` mode, compiled once per Translator; "reduce-overhead" uses CUDA graphs).
@@ -228,7 +229,7 @@ class Translator:
         card: ModelCard,
         *,
         device: torch.device,
-        precision: str = "fp32",
+        precision: str = "auto",
         batch_size: int = 32,
         model_dir: str | None = None,
         channels_last: bool = False,
@@ -246,8 +247,8 @@ class Translator:
         self.network = self.model if compiled is None else compiled
         self.card = card
         self.device = device
-        self.precision = precision
-        self.amp_dtype = autocast_dtype(precision, device)
+        self.precision = inference_precision(precision, device)
+        self.amp_dtype = autocast_dtype(self.precision, device)
         self.batch_size = int(batch_size)
         self.schedule = make_schedule(card.schedule, card.T)
         self.model_dir = model_dir
@@ -261,7 +262,7 @@ class Translator:
         model_dir: str | os.PathLike,
         *,
         device: str | torch.device = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         batch_size: int = 32,
         weights: str = "ema",
         channels_last: bool = False,
@@ -406,6 +407,9 @@ class Translator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         sampling_seconds = time.perf_counter() - sampling_start
+        if not bool(torch.isfinite(res.image).all()):
+            hint = "" if self.amp_dtype is None else f" in {self.precision}; use --precision fp32"
+            raise ModelError(f"the network's output has non-finite values{hint}")
         out = self._to_output(res.image, prep, slice_correction)
         samples = std = None
         if mode == "expa" and keep_samples and res.samples is not None:

@@ -36,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--model", default=None, help="use this model directory instead")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="translation precision (as for yoda translate; default auto)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

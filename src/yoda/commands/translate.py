@@ -70,10 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="network precision: bf16 or (CUDA) fp16 autocast is faster, within reduced-"
-        "precision rounding of fp32 (default fp32)",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="network precision: auto (default) is fp16 autocast on CUDA, fp32 on the CPU; "
+        "bf16 or (CUDA) fp16 autocast is faster, within reduced-precision rounding of fp32",
     )
     p.add_argument(
         "--channels-last",
