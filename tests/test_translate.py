@@ -275,14 +275,21 @@ def test_auto_precision_is_fp16_on_cuda_and_fp32_on_the_cpu(tiny_model):
 
 
 @pytest.mark.parametrize(
-    ("precision", "hint"), [("bf16", " in bf16; use --precision fp32"), ("fp32", "")]
+    ("precision", "value", "hint"),
+    [
+        ("bf16", "nan", " in bf16; use precision fp32 (--precision fp32)"),
+        ("fp32", "inf", ""),
+    ],
 )
-def test_a_network_that_overflows_is_refused_with_a_hint(tiny_model, sources, precision, hint):
-    """Non-finite network outputs (fp16 overflow) stop the translation with the way out."""
+def test_a_network_that_overflows_is_refused_with_a_hint(
+    tiny_model, sources, precision, value, hint
+):
+    """Non-finite network outputs (an fp16 overflow: inf, or inf - inf) stop the translation
+    with the way out, although the samplers clamp every x0_hat to [-1, 1]."""
     tr = Translator.load(tiny_model, device="cpu", precision=precision)
 
     def overflow(_module, _args, out):
-        return torch.full_like(out, float("nan"))  # what an overflow (inf - inf) leaves
+        return torch.full_like(out, float(value))
 
     hook = tr.model.register_forward_hook(overflow)
     try:

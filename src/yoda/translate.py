@@ -407,8 +407,12 @@ class Translator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         sampling_seconds = time.perf_counter() - sampling_start
-        if not bool(torch.isfinite(res.image).all()):
-            hint = "" if self.amp_dtype is None else f" in {self.precision}; use --precision fp32"
+        if not denoiser.all_finite:  # the samplers clamp, which would hide an overflow
+            hint = (
+                ""
+                if self.amp_dtype is None
+                else f" in {self.precision}; use precision fp32 (--precision fp32)"
+            )
             raise ModelError(f"the network's output has non-finite values{hint}")
         out = self._to_output(res.image, prep, slice_correction)
         samples = std = None

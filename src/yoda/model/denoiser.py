@@ -280,6 +280,9 @@ class VolumeDenoiser:
     ----------
     nfe : int
         Number of calls so far (whole-volume evaluations, independent of ``B``).
+    all_finite : bool
+        Whether every ``x0_hat`` so far was finite (False after a network overflow; checked
+        once asked, so sampling does not wait on the device).
     """
 
     def __init__(
@@ -342,6 +345,7 @@ class VolumeDenoiser:
         self.cond = cond.detach().to(device=self.device, dtype=torch.float32)
         self.shape = tuple(self.cond.shape[1:])
         self.nfe = 0
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
         self._cache: dict[str, tuple[torch.Tensor, tuple[int, int, int, int]]] = {}
         # schedule tables made outside inference mode stay usable by autograd elsewhere
         schedule.coefficients(self.device, torch.float32)
@@ -431,7 +435,13 @@ class VolumeDenoiser:
             for m in training:
                 m.training = True
         self.nfe += 1
+        self._finite = self._finite & torch.isfinite(out).all()
         return out[0] if squeeze else out
+
+    @property
+    def all_finite(self) -> bool:
+        """Whether every ``x0_hat`` so far was finite (see the class docstring)."""
+        return bool(self._finite)
 
     def _denoise_into(self, out: torch.Tensor, x_t: torch.Tensor, t: int, view: str) -> None:
         n = self.n_slices
