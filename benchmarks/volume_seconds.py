@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yoda.bench import _SOURCES, _write_subject, random_network
-from yoda.model.checkpoint import ModelCard, save_model
+from yoda.bench import _SOURCES, _write_model, _write_subject
 from yoda.translate import Translator, prepare_sources
 
 #: name -> Translator options
@@ -38,22 +37,6 @@ OPTIONS = {
     "fp16+compile": {"precision": "fp16", "compile": "default"},
     "fp16+compile-graphs": {"precision": "fp16", "compile": "reduce-overhead"},
 }
-
-
-def _write_model(folder: Path, preset: str, canvas: tuple[int, int]) -> Path:
-    net = random_network(preset)
-    card = ModelCard(
-        sources=list(_SOURCES),
-        target="flair",
-        network=net.net_cfg.to_dict(),
-        n_slices=5,
-        schedule="linear",
-        T=1000,
-        prediction="v",
-        normalization={"method": "tissue"},
-        training={"note": "random weights", "slab_size": list(canvas)},
-    )
-    return save_model(folder, net, None, card)
 
 
 def _canvas(sources: dict[str, str], multiple: int) -> tuple[int, int]:
@@ -100,13 +83,16 @@ def main() -> None:
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device")
+    if dev.type == "cpu" and any(OPTIONS[n]["precision"] == "fp16" for n in names):
+        raise SystemExit("error: fp16 needs CUDA; on the CPU try --options fp32,bf16")
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="yoda-volume-") as tmp:
         work = Path(tmp)
         paths = _write_subject(work / "head", args.size, seed=2, suffix=".nii")
         sources = {k: str(paths[k]) for k in _SOURCES}
         canvas = _canvas(sources, args.multiple)
-        model = _write_model(work / "model", args.preset, canvas)
+        training = {"note": "random weights", "slab_size": list(canvas)}
+        model = _write_model(work / "model", args.preset, training)
         out = work / "out.nii"
         reference = None
         tr = None

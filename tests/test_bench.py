@@ -62,6 +62,7 @@ def test_quick_bench_emits_every_figure(tmp_path):
         channels_last=True, compile="eager",
     )  # fmt: skip
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert result["precision"] == "fp32"  # the default, auto, as translate runs on the CPU
     assert list(result["figures"]) == list(FIGURES)
     for name, value in result["figures"].items():
         if value is None:
@@ -114,6 +115,8 @@ def test_bench_options_are_checked():
         run_bench("cpu", "tiny", size="tiny", progress=False, batch_size=0)
     with pytest.raises(ConfigError, match="compile option 'fast'"):
         run_bench("cpu", "tiny", size="tiny", progress=False, compile="fast")
+    with pytest.raises(ConfigError, match="precision must be one of .*'auto'"):
+        run_bench("cpu", "tiny", size="tiny", progress=False, precision="fp64")
 
 
 def _volume_result(device: str, preset: str, regression: float, diffusion: float) -> dict:

@@ -152,7 +152,9 @@ def test_training_on_cuda(phantom_cohort, tmp_path, precision):
 
 
 def test_quick_bench_on_cuda_emits_every_figure():
-    result = run_bench("cuda", "tiny", size="tiny", progress=False, compile="default")
+    result = run_bench(
+        "cuda", "tiny", size="tiny", progress=False, compile="default", precision="fp32"
+    )
     assert result["machine"]["gpu"] == torch.cuda.get_device_name()
     for name in FIGURES:
         value = result["figures"][name]

@@ -296,7 +296,8 @@ def random_network(preset: str, seed: int = 0) -> torch.nn.Module:
     return net.eval()
 
 
-def _write_model(folder: Path, preset: str) -> Path:
+def _write_model(folder: Path, preset: str, training: dict[str, Any] | None = None) -> Path:
+    """A model directory of ``preset`` with random weights (``training``: the card's entry)."""
     from yoda.model.checkpoint import ModelCard, save_model
 
     net = random_network(preset)
@@ -309,7 +310,7 @@ def _write_model(folder: Path, preset: str) -> Path:
         T=1000,
         prediction="v",
         normalization={"method": "tissue"},
-        training={"note": "random weights, written by yoda bench"},
+        training=training or {"note": "random weights, written by yoda bench"},
     )
     return save_model(folder, net, None, card)
 
@@ -505,15 +506,15 @@ class _Bench:
         channels_last: bool = False,
         compile: str | None = None,
     ) -> None:
-        from yoda.device import autocast_dtype
+        from yoda.device import autocast_dtype, inference_precision
         from yoda.diffusion.schedule import make_schedule
 
         self.device = device
         self.preset = preset
         self.size = size
         self.cfg = SIZES[size]
-        self.precision = precision
-        self.amp = autocast_dtype(precision, device)
+        self.precision = inference_precision(precision, device)
+        self.amp = autocast_dtype(self.precision, device)
         self.batch_size = batch_size
         self.channels_last = channels_last
         self.compile = compile
@@ -1029,7 +1030,7 @@ def run_bench(
     size: str = "default",
     json_path: str | os.PathLike | None = None,
     progress: bool = True,
-    precision: str = "fp32",
+    precision: str = "auto",
     batch_size: int = 32,
     threads: int | None = None,
     channels_last: bool = False,
@@ -1045,7 +1046,8 @@ def run_bench(
         memory), or "tiny" (everything small: seconds).
     json_path : optional file to write the result to (atomically).
     progress : print each stage and its duration to stderr.
-    precision : "fp32", "bf16" or (CUDA) "fp16" for the inference measurements.
+    precision : "auto" (as ``yoda translate``: fp16 on CUDA, fp32 on the CPU), "fp32", "bf16" or
+        (CUDA) "fp16" for the inference measurements.
     batch_size : slices per network call in sampling.
     threads : CPU threads (default: torch's current setting).
     channels_last, compile : translation speed options (:class:`yoda.translate.Translator`;
@@ -1114,7 +1116,7 @@ def run_bench(
         "device": str(dev),
         "preset": preset,
         "size": size,
-        "precision": precision,
+        "precision": b.precision,
         "batch_size": batch_size,
         "channels_last": bool(channels_last),
         "compile": compile,

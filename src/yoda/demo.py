@@ -98,6 +98,9 @@ def run_demo(
         Train a tiny model from scratch (``train_steps`` steps) instead of the bundled one.
     model_dir : path, optional
         Use this model instead of the bundled one.
+    device, precision : str
+        Where and in which precision to translate (as ``yoda translate``; "auto": CUDA when
+        available, in fp16 there).
     """
     from yoda.batch import translate_cohort
     from yoda.data.manifest import read_manifest

@@ -40,9 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="inference precision of the sampling measurements (default fp32)",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="inference precision of the sampling measurements (default auto, as yoda "
+        "translate: fp16 on CUDA, fp32 on the CPU)",
     )
     p.add_argument(
         "--batch-size", type=_positive, default=32, help="slices per network call (default 32)"

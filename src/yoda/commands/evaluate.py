@@ -64,7 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="robustness: Rician noise levels (0-255 scale of each source), e.g. 0,2,4,6; "
         "needs --model",
     )
-    p.add_argument("--model", default=None, metavar="MODEL_DIR", help="model for --input-noise")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL_DIR",
+        help="model for --input-noise (translated as yoda translate does by default: "
+        "regression, precision auto)",
+    )
     p.add_argument(
         "--noise-mode",
         choices=MODES,

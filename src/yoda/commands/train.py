@@ -77,7 +77,14 @@ FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--num-workers",), "data.num_workers", {"type": int, "help": "DataLoader workers"}),
     (("--cache-dir",), "data.cache_dir", {"help": "array cache (default RUN_DIR/cache)"}),
     (("--device",), "run.device", {"help": "auto (default), cpu, cuda or cuda:N"}),
-    (("--precision",), "run.precision", {"help": "auto (default), fp32, bf16, fp16"}),
+    (
+        ("--precision",),
+        "run.precision",
+        {
+            "help": "auto (default: bf16 on CUDA where supported, else fp16; fp32 on the CPU), "
+            "fp32, bf16, fp16"
+        },
+    ),
     (("--seed",), "run.seed", {"type": int, "help": "default 0"}),
     (("--threads",), "run.threads", {"type": int, "help": "CPU threads per process"}),
     (("--log-every",), "run.log_every", {"type": int, "help": "steps between log entries"}),
