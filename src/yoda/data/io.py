@@ -221,10 +221,13 @@ def copy_in_order(
         raise ConfigError(f"memory order must be 'C' or 'F', got {order!r}")
     arr = np.asarray(arr)
     out = np.empty(arr.shape, dtype=arr.dtype if dtype is None else dtype, order=order)
-    strides = [abs(st) if n > 1 else np.inf for st, n in zip(arr.strides, arr.shape, strict=True)]
-    dst = arr.ndim - 1 if order == "C" else 0
-    src = int(np.argmin(strides)) if arr.ndim > 1 else dst
-    if src == dst or arr.size == 0:
+    long = [a for a, n in enumerate(arr.shape) if n > 1]  # axes of length 1 have no order
+    if len(long) < 2:
+        out[...] = arr
+        return out
+    dst = long[-1] if order == "C" else long[0]
+    src = min(long, key=lambda a: abs(arr.strides[a]))
+    if src == dst:
         out[...] = arr
         return out
     tiles = [

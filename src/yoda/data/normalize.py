@@ -216,9 +216,16 @@ def _otsu(values: np.ndarray, bins: int = 256, workers: int | None = None) -> fl
     flat = values.ravel()
     if workers is None:
         workers = min(usable_cpus(), 8) if flat.size >= 2**21 else 1
-    parts = np.array_split(flat, max(1, int(workers)))
-    with ThreadPoolExecutor(len(parts)) as pool:
-        hists = list(pool.map(lambda p: np.histogram(p, bins=bins, range=(lo, hi))[0], parts))
+    parts = np.array_split(flat, max(1, min(int(workers), flat.size)))
+
+    def count(part: np.ndarray) -> np.ndarray:
+        return np.histogram(part, bins=bins, range=(lo, hi))[0]
+
+    if len(parts) == 1:
+        hists = [count(flat)]
+    else:
+        with ThreadPoolExecutor(len(parts)) as pool:
+            hists = list(pool.map(count, parts))
     edges = np.histogram_bin_edges(flat[:1], bins=bins, range=(lo, hi))
     hist = np.sum(hists, axis=0, dtype=np.float64)
     centers = 0.5 * (edges[:-1] + edges[1:])
@@ -321,10 +328,10 @@ def foreground_mask(
     """Head (or brain) foreground mask of an MRI volume.
 
     Steps: Gaussian smoothing (``sigma`` voxels), Otsu threshold of the square-root intensities,
-    binary closing (``closing`` iterations of the 6-neighbourhood), hole filling in 3-D and
-    within the slices of each axis, and the largest connected component. Works on heads with
-    skull (the skull and cerebrospinal fluid inside the scalp are filled) and on skull-stripped
-    brains.
+    binary closing (``closing`` iterations of the 6-neighbourhood), hole filling within the
+    slices of each axis (which fills every 3-D hole too), and the largest connected component.
+    Works on heads with skull (the skull and cerebrospinal fluid inside the scalp are filled)
+    and on skull-stripped brains.
 
     Parameters
     ----------

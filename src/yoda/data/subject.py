@@ -191,7 +191,7 @@ def prepare_subject(
         return inten
 
     # one thread per image, as for reading; the first image's error is raised first
-    with ThreadPoolExecutor(min(len(names), usable_cpus())) as pool:
+    with ThreadPoolExecutor(max(1, min(len(names), usable_cpus()))) as pool:
         intensities = dict(zip(names, pool.map(normalize, range(len(names)), names), strict=True))
     return PreparedSubject(
         data=data,
