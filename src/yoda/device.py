@@ -21,6 +21,15 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def array_threads(size: int, parts: int, workers: int | None = None) -> int:
+    """Threads for work on an array of ``size`` values split in at most ``parts`` parts:
+    ``workers`` when given, else one per usable core (at most 8) for 2^21 values or more and
+    1 below; always between 1 and ``parts``."""
+    if workers is None:
+        workers = min(usable_cpus(), 8) if size >= 2**21 else 1
+    return max(1, min(int(workers), parts))
+
+
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable device.
 

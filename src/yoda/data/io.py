@@ -36,7 +36,7 @@ from nibabel.spatialimages import HeaderDataError, SpatialImage
 from scipy import ndimage
 
 from yoda.atomic import atomic_path
-from yoda.device import usable_cpus
+from yoda.device import array_threads
 from yoda.errors import ConfigError, GridMismatchError, InputError
 
 __all__ = [
@@ -240,9 +240,7 @@ def copy_in_order(
             index[src], index[dst] = slice(i, i + _TILE), slice(j, j + _TILE)
             out[tuple(index)] = arr[tuple(index)]
 
-    if workers is None:
-        workers = min(usable_cpus(), 8) if arr.size >= 2**21 else 1
-    workers = max(1, min(int(workers), len(tiles)))
+    workers = array_threads(arr.size, len(tiles), workers)
     if workers == 1:
         copy(tiles)
     else:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from yoda.device import usable_cpus
+from yoda.device import array_threads
 from yoda.errors import ConfigError, InputError
 
 __all__ = [
@@ -214,9 +214,7 @@ def _otsu(values: np.ndarray, bins: int = 256, workers: int | None = None) -> fl
     """
     lo, hi = float(values.min()), float(values.max())
     flat = values.ravel()
-    if workers is None:
-        workers = min(usable_cpus(), 8) if flat.size >= 2**21 else 1
-    parts = np.array_split(flat, max(1, min(int(workers), flat.size)))
+    parts = np.array_split(flat, array_threads(flat.size, flat.size, workers))
 
     def count(part: np.ndarray) -> np.ndarray:
         return np.histogram(part, bins=bins, range=(lo, hi))[0]
@@ -255,9 +253,7 @@ def in_parts(
     core (at most 8) for arrays of 2^21 values or more, else 1.
     """
     n = arr.shape[axis]
-    if workers is None:
-        workers = min(usable_cpus(), 8) if arr.size >= 2**21 else 1
-    workers = max(1, min(int(workers), n))
+    workers = array_threads(arr.size, n, workers)
     if workers == 1:
         return fn(arr)
     cuts = [int(c) for c in np.linspace(0, n, workers + 1)]
