@@ -6,10 +6,13 @@ every view's slices have one size), then times ``Translator.translate`` + ``save
 regression (3 views) under each option: the first call (compiling, when compiled) and the best
 of ``--repeats`` warm calls, split into preparation (read, mask, normalize), sampling, and
 output (conversion, write). ``--diffusion`` also times one truncated diffusion (251 NFE) with
-the last option.
+the last option. ``--cohort N`` times cohort translation (``translate_cohort``) of N subjects
+(copies of the head) with the last option, sequential and overlapped (the next subject is
+prepared and the previous one written while one samples), alternating, best of ``--repeats``.
 
     python benchmarks/volume_seconds.py [--device cuda] [--preset small] [--size 256]
-        [--options fp16,fp16+compile,...] [--repeats 3] [--diffusion] [--json FILE]
+        [--options fp16,fp16+compile,...] [--repeats 3] [--diffusion] [--cohort N]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from yoda.batch import translate_cohort
 from yoda.bench import _SOURCES, _write_model, _write_subject
+from yoda.data.manifest import Manifest, Subject
 from yoda.translate import Translator, prepare_sources
 
 #: name -> Translator options
@@ -65,6 +70,30 @@ def _time(tr: Translator, sources: dict[str, str], out: Path, mode: str) -> tupl
     return row, res.image
 
 
+def _time_cohort(tr: Translator, sources: dict[str, str], work: Path, n: int, repeats: int) -> dict:
+    """Best seconds per subject of a cohort of ``n`` copies of the head, sequential and
+    overlapped (alternating runs)."""
+    subjects = [
+        Subject(id=f"s{i}", split="test", images={k: Path(v) for k, v in sources.items()})
+        for i in range(n)
+    ]
+    manifest = Manifest(subjects, work)
+    times: dict[str, list[float]] = {"sequential": [], "overlapped": []}
+    for _ in range(repeats):
+        for name in times:
+            start = time.perf_counter()
+            result = translate_cohort(
+                tr, manifest, split=None, out_dir=work / "cohort", options={"mode": "regression"},
+                force=True, progress=False, overlap=name == "overlapped",
+            )  # fmt: skip
+            times[name].append((time.perf_counter() - start) / n)
+            if result.failed:
+                raise SystemExit(f"error: cohort translation failed: {result.failed}")
+    row = {f"{k}_s_per_subject": round(min(v), 3) for k, v in times.items()}
+    row["speedup"] = round(min(times["sequential"]) / min(times["overlapped"]), 3)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -72,6 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--options", default="fp16,fp16+compile", help="comma-separated")
     parser.add_argument("--diffusion", action="store_true", help="also time one diffusion")
+    parser.add_argument("--cohort", type=int, default=0, help="also time a cohort of N subjects")
     parser.add_argument("--multiple", type=int, default=16, help="canvas multiple")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a dry run)")
@@ -118,6 +148,11 @@ def main() -> None:
             diffusion = {k: round(v, 3) for k, v in timed.items()}
             diffusion["option"] = names[-1]
             print(f"diffusion ({names[-1]}) {json.dumps(diffusion)}", flush=True)
+        cohort = None
+        if args.cohort > 0 and tr is not None:
+            cohort = _time_cohort(tr, sources, work, args.cohort, args.repeats)
+            cohort.update(option=names[-1], subjects=args.cohort)
+            print(f"cohort ({names[-1]}) {json.dumps(cohort)}", flush=True)
     result = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -126,6 +161,7 @@ def main() -> None:
         "canvas": list(canvas),
         "regression": rows,
         "diffusion": diffusion,
+        "cohort": cohort,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +19,7 @@ import pytest
 from yoda.batch import output_path, subject_lock, translate_cohort
 from yoda.cli import main
 from yoda.data import io
-from yoda.data.manifest import Manifest, Subject
+from yoda.data.manifest import Manifest, Subject, read_manifest
 from yoda.errors import InputError
 from yoda.translate import Translation, Translator, subject_seed
 
@@ -47,8 +49,11 @@ class StubTranslator:
         self.calls: list[dict] = []
         _, self.geometry = io.load_image((np.zeros((4, 4, 4), np.float32), np.eye(4)))
 
-    def translate(self, sources, **options):
-        self.calls.append(dict(sources=sources, **options))
+    def prepare(self, sources, **options):
+        return dict(sources=sources, **options)
+
+    def translate(self, prepared, **options):
+        self.calls.append(dict(prepared, **options))
         image = np.full((4, 4, 4), float(options["seed"] % 200), np.float32)
         return Translation(image=image, geometry=self.geometry, info={"seed": options["seed"]})
 
@@ -130,6 +135,33 @@ def test_batch_needs_out_dir_and_no_source_flags(tiny_model, phantom_cohort, tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "batch mode takes --data and --out-dir" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_overlapped_cohort_writes_what_the_sequential_one_writes(
+    tiny_model, phantom_cohort, tmp_path
+):
+    manifest = read_manifest(phantom_cohort)
+    translator = Translator.load(tiny_model, device="cpu")
+    options = {"views": "axial", "resample": False}
+    infos = {}
+    for overlap in (False, True):
+        out = tmp_path / str(overlap)
+        result = translate_cohort(
+            translator, manifest, split=None, out_dir=out, options=options, seed=3,
+            progress=False, overlap=overlap,
+        )  # fmt: skip
+        assert result.done == [s.id for s in manifest.subjects] and not result.failed
+        infos[overlap] = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert len(infos[True]) == len(manifest.subjects)
+    for name, info in infos[True].items():
+        stem = name[: -len(".json")]
+        a = nib.load(tmp_path / "False" / f"{stem}.nii.gz").get_fdata()
+        b = nib.load(tmp_path / "True" / f"{stem}.nii.gz").get_fdata()
+        np.testing.assert_array_equal(a, b)
+        timing = ("seconds", "prepare_seconds", "sampling_seconds")
+        same = {k: v for k, v in info.items() if k not in timing}
+        assert same == {k: v for k, v in infos[False][name].items() if k not in timing}
+        assert 0 < info["prepare_seconds"] < info["seconds"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -235,6 +267,103 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     with subject_lock(target) as got:
         assert not got
     assert lock.exists()
+
+
+class Recorder(StubTranslator):
+    """A stub whose translation of a subject waits (up to ``wait`` s) for the next subject's
+    preparation, and records what was prepared by then (subjects s0, s1, s2)."""
+
+    def __init__(self, wait: float, fail: dict[str, BaseException] | None = None) -> None:
+        super().__init__()
+        self.wait, self.fail = wait, fail or {}
+        self.prepared: list[str] = []
+        self.seen: dict[str, list[str]] = {}
+        self.changed = threading.Condition()
+        self.failing = threading.Event()
+
+    def prepare(self, sources, **options):
+        with self.changed:
+            self.prepared.append(sources["t1w"].name)
+            self.changed.notify_all()
+        return super().prepare(sources, **options)
+
+    def translate(self, prepared, **options):
+        sid = prepared["sources"]["t1w"].name
+        with self.changed:
+            # s2, the last subject, has no next one
+            self.changed.wait_for(lambda: sid == "s2" or self.prepared[-1] != sid, self.wait)
+            self.seen[sid] = list(self.prepared)
+        if sid in self.fail:
+            self.failing.set()
+            raise self.fail[sid]
+        return super().translate(prepared, **options)
+
+
+def recorder_manifest(root: Path, ids: list[str]) -> Manifest:
+    subjects = [Subject(id=s, split="test", images={"t1w": root / s, "t2w": root / s}) for s in ids]
+    return Manifest(subjects, root)
+
+
+def test_next_subject_is_prepared_and_previous_written_while_one_samples(tmp_path, monkeypatch):
+    writers: dict[str, str] = {}
+    save = Translation.save
+
+    def recording_save(self, path, **kw):
+        writers[Path(path).name] = threading.current_thread().name
+        return save(self, path, **kw)
+
+    monkeypatch.setattr(Translation, "save", recording_save)
+    ids = ["s0", "s1", "s2"]
+    stub = Recorder(wait=30.0)
+    stub.device = SimpleNamespace(type="cuda")  # overlapping is the default on a GPU
+    result = translate_cohort(stub, recorder_manifest(tmp_path, ids), split="test",
+                              out_dir=tmp_path / "o", options={}, progress=False)  # fmt: skip
+    assert result.done == ids
+    assert stub.seen == {"s0": ["s0", "s1"], "s1": ["s0", "s1", "s2"], "s2": ids}
+    assert all(name.startswith("yoda-write") for name in writers.values()) and len(writers) == 3
+
+    for device, overlap in ((SimpleNamespace(type="cpu"), None), (stub.device, False)):
+        writers.clear()
+        stub = Recorder(wait=0.2)
+        stub.device = device
+        result = translate_cohort(stub, recorder_manifest(tmp_path, ids), split="test",
+                                  out_dir=tmp_path / device.type, options={}, progress=False,
+                                  overlap=overlap)  # fmt: skip
+        assert result.done == ids
+        assert stub.seen == {"s0": ["s0"], "s1": ["s0", "s1"], "s2": ids}
+        assert len(writers) == 3
+
+
+def test_failures_and_interruptions_leave_no_lock_and_no_partial_file(tmp_path, monkeypatch):
+    ids = ["s0", "s1", "s2"]
+    out = tmp_path / "o"
+    stub = Recorder(wait=30.0, fail={"s1": InputError("s1 is broken")})
+    result = translate_cohort(stub, recorder_manifest(tmp_path, ids), split="test", out_dir=out,
+                              options={}, progress=False, overlap=True)  # fmt: skip
+    assert result.done == ["s0", "s2"] and result.failed == {"s1": "s1 is broken"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "s0_flair.json", "s0_flair.nii.gz", "s2_flair.json", "s2_flair.nii.gz"
+    ]  # fmt: skip
+
+    # an interruption while s1 samples and s0 is written: s0 is finished under its lock,
+    # s2 (prepared) is left, and every lock is released
+    out = tmp_path / "stopped"
+    stub = Recorder(wait=30.0, fail={"s1": KeyboardInterrupt()})
+    locked = []
+    save = Translation.save
+
+    def save_during_the_interruption(self, path, **kw):
+        stub.failing.wait(30.0)
+        time.sleep(0.2)
+        locked.append(Path(f"{path}.lock").exists())
+        return save(self, path, **kw)
+
+    monkeypatch.setattr(Translation, "save", save_during_the_interruption)
+    with pytest.raises(KeyboardInterrupt):
+        translate_cohort(stub, recorder_manifest(tmp_path, ids), split="test", out_dir=out,
+                         options={}, progress=False, overlap=True)  # fmt: skip
+    assert stub.prepared == ids and locked == [True]
+    assert sorted(p.name for p in out.iterdir()) == ["s0_flair.json", "s0_flair.nii.gz"]
 
 
 def test_subject_seed_is_stable_and_distinct():

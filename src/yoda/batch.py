@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,16 @@ def _stale(lock: Path) -> bool:
     return False
 
 
+@dataclass
+class _Job:
+    """One claimed subject: its output path, its lock and its preparation (a future)."""
+
+    subject: Any
+    path: Path
+    lock: contextlib.ExitStack
+    prepared: Future
+
+
 def translate_cohort(
     translator: Any,
     manifest: Any,
@@ -113,13 +124,20 @@ def translate_cohort(
     dtype: str = "float32",
     extras: bool = False,
     progress: bool = True,
+    overlap: bool | None = None,
 ) -> CohortResult:
     """Translate the subjects of ``manifest`` (one split, or all) into ``out_dir``.
 
     Subjects whose output and sidecar exist are skipped unless ``force``. Under torchrun each
     rank takes every world-size-th subject. A subject that fails is recorded with its reason
-    and the others go on. Each subject is locked while it is translated, so that runs sharing
-    ``out_dir`` never write the same file at once.
+    and the others go on. Each subject is locked from its preparation until its output is
+    written, so that runs sharing ``out_dir`` never write the same file at once.
+
+    With ``overlap`` the next subject is read and normalized, and the previous one written, in
+    background threads while the current one samples, which hides that work behind a GPU's
+    sampling. The default overlaps on a GPU only: on the CPU the threads would take cores
+    from the network (a 128^3 cohort with ``tiny`` on 2 cores: 6 % slower). The outputs are
+    the same either way.
     """
     from tqdm import tqdm
 
@@ -138,42 +156,104 @@ def translate_cohort(
     rank, world = distributed_rank()
     mine = subjects[rank::world]
     result = CohortResult()
-    bar = tqdm(mine, desc="translate", unit="subject", disable=not progress or rank != 0)
-    for subject in bar:
-        bar.set_postfix_str(subject.id)
+    if overlap is None:
+        overlap = getattr(getattr(translator, "device", None), "type", "cpu") == "cuda"
+    options = dict(options)
+    resample = bool(options.pop("resample", False))
+    bar = tqdm(total=len(mine), desc="translate", unit="subject", disable=not progress or rank != 0)
+
+    def prepare(subject: Any) -> Any:
+        missing = [s for s in translator.sources if s not in subject.images]
+        if missing:
+            raise InputError(f"manifest has no {', '.join(missing)} for this subject")
+        sources = {name: subject.images[name] for name in translator.sources}
+        return translator.prepare(sources, mask=subject.mask, resample=resample)
+
+    def claim(subject: Any) -> _Job | None:
+        """Lock ``subject`` and start preparing it; None (and the reason recorded) if it is
+        not this run's to translate."""
         try:
             path = output_path(out_dir, subject.id, translator.card.target)
         except InputError as exc:
             result.failed[subject.id] = str(exc)
-            continue
+            return None
         sidecar = path.with_name(path.name[: -len(".nii.gz")] + ".json")
         if not force and path.exists() and sidecar.exists():
             result.skipped.append(subject.id)
-            continue
-        with subject_lock(path) as mine_now:
-            if not mine_now:
-                result.busy.append(subject.id)
-                continue
-            if not force and path.exists() and sidecar.exists():
-                result.skipped.append(subject.id)
-                continue
-            try:
-                missing = [s for s in translator.sources if s not in subject.images]
-                if missing:
-                    raise InputError(f"manifest has no {', '.join(missing)} for this subject")
-                sources = {name: subject.images[name] for name in translator.sources}
-                res = translator.translate(
-                    sources,
-                    mask=subject.mask,
-                    seed=subject_seed(seed, subject.id),
-                    keep_samples=extras,
-                    **options,
-                )
-                res.info["subject"] = subject.id
-                res.save(path, dtype=dtype, overwrite=True, extras=extras)
-                result.done.append(subject.id)
-                if res.info.get("warnings"):
-                    result.warnings[subject.id] = res.info["warnings"]
-            except YodaError as exc:
-                result.failed[subject.id] = str(exc)
+            return None
+        lock = contextlib.ExitStack()
+        if not lock.enter_context(subject_lock(path)):
+            lock.close()
+            result.busy.append(subject.id)
+            return None
+        if not force and path.exists() and sidecar.exists():  # finished while we looked
+            lock.close()
+            result.skipped.append(subject.id)
+            return None
+        return _Job(subject, path, lock, reader.submit(prepare, subject))
+
+    def claims() -> Iterator[_Job]:
+        for subject in mine:
+            job = claim(subject)
+            bar.update(job is None)
+            if job is not None:
+                locks.enter_context(job.lock)  # released at the end if the run stops early
+                yield job
+
+    def save(job: _Job, res: Any) -> None:
+        with job.lock:
+            res.save(job.path, dtype=dtype, overwrite=True, extras=extras)
+
+    def sample(job: _Job) -> Any:
+        """The subject's translation; None (and the reason recorded) if it failed."""
+        try:
+            res = translator.translate(
+                job.prepared.result(),
+                seed=subject_seed(seed, job.subject.id),
+                keep_samples=extras,
+                **options,
+            )
+        except YodaError as exc:
+            result.failed[job.subject.id] = str(exc)
+            job.lock.close()
+            bar.update()
+            return None
+        res.info["subject"] = job.subject.id
+        return res
+
+    def finish(job: _Job, saved: Future, warnings: list[str] | None) -> None:
+        try:
+            saved.result()
+            result.done.append(job.subject.id)
+            if warnings:
+                result.warnings[job.subject.id] = warnings
+        except YodaError as exc:
+            result.failed[job.subject.id] = str(exc)
+        bar.update()
+
+    # one reader and one writer, so subjects are prepared and written in order; on the way
+    # out the threads finish their file before the locks go
+    with (
+        contextlib.ExitStack() as locks,
+        ThreadPoolExecutor(1, thread_name_prefix="yoda-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="yoda-write") as writer,
+    ):
+        locks.callback(bar.close)
+        queue = claims()
+        job = next(queue, None)
+        writing: tuple[_Job, Future, list[str] | None] | None = None
+        while job is not None:
+            bar.set_postfix_str(job.subject.id)
+            upcoming = next(queue, None) if overlap else None  # prepared while `job` samples
+            res = sample(job)
+            if res is not None:
+                if writing is not None:
+                    finish(*writing)
+                writing = (job, writer.submit(save, job, res), res.info.get("warnings"))
+                if not overlap:
+                    finish(*writing)
+                    writing = None
+            job = upcoming if overlap else next(queue, None)
+        if writing is not None:
+            finish(*writing)
     return result

@@ -6,6 +6,7 @@ always sees inputs scaled exactly as in training.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ class PreparedSubject:
         The fitted :class:`~yoda.data.normalize.Intensity` of each image.
     mask_source : str
         "mask" (given) or "foreground:<reference>" (automatic).
+    seconds : float
+        Wall time :func:`prepare_subject` took.
     """
 
     data: np.ndarray
@@ -96,6 +99,7 @@ class PreparedSubject:
     geometry: io.Geometry
     intensities: dict[str, Intensity]
     mask_source: str
+    seconds: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -141,6 +145,7 @@ def prepare_subject(
         A file cannot be read, an image is constant, the grids differ (without ``resample``)
         or the mask is empty.
     """
+    start = time.perf_counter()
     names = list(names)
     reference = reference or names[0]
     prefix = f"{label} " if label else ""
@@ -200,4 +205,5 @@ def prepare_subject(
         geometry=geoms[reference],
         intensities=intensities,
         mask_source=mask_source,
+        seconds=time.perf_counter() - start,
     )
