@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+import yoda.data.io as io_module
 import yoda.translate as translate_module
 from yoda.cli import main
 from yoda.data.io import load_image
@@ -299,13 +300,13 @@ def test_failed_write_leaves_nothing(fails, tiny_model, subject, tmp_path, capsy
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     if fails == "image":
-        real_save = nib.save
+        real_write = io_module._write
 
-        def full_disk(img, path):
-            real_save(img, path)  # a partial temporary file exists ...
+        def full_disk(img, path, suffix):
+            real_write(img, path, suffix)  # a partial temporary file exists ...
             raise OSError(errno.ENOSPC, "No space left on device")  # ... when the disk is full
 
-        monkeypatch.setattr(nib, "save", full_disk)
+        monkeypatch.setattr(io_module, "_write", full_disk)
     else:
 
         def full_disk(path, text):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from nibabel.orientations import (
     ornt_transform,
 )
 
+import yoda.data.io as io_module
 from yoda.data.io import (
     Geometry,
     check_same_grid,
@@ -262,14 +264,14 @@ def _inputs(tmp_path) -> tuple[np.ndarray, Geometry]:
     return load_image(_write(tmp_path / "src.nii.gz", data, affine))
 
 
-def _failing_to_filename(calls):
-    def to_filename(self, filename, **kwargs):
+def _failing_write(calls):
+    def write(img, filename, suffix):
         calls.append(str(filename))
         with open(filename, "wb") as fh:  # a partial file, then a crash
             fh.write(b"\x00" * 100)
         raise RuntimeError("disk exploded")
 
-    return to_filename
+    return write
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mgz"])
@@ -277,8 +279,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, suffix):
     arr, geom = _inputs(tmp_path)
     before = sorted(os.listdir(tmp_path))
     calls: list[str] = []
-    cls = nib.MGHImage if suffix == ".mgz" else nib.Nifti1Image
-    monkeypatch.setattr(cls, "to_filename", _failing_to_filename(calls))
+    monkeypatch.setattr(io_module, "_write", _failing_write(calls))
     out = tmp_path / f"out{suffix}"
     with pytest.raises(RuntimeError, match="disk exploded"):
         save_image(arr, geom, out)
@@ -290,17 +291,26 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, suffix):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.parametrize(("packed", "plain"), [(".nii.gz", ".nii"), (".mgz", ".mgh")])
+def test_compressed_output_is_plain_gzip_of_the_uncompressed_file(tmp_path, packed, plain):
+    arr, geom = _inputs(tmp_path)
+    for dtype in ("float32", "uint8"):
+        a = save_image(arr, geom, tmp_path / f"{dtype}{packed}", dtype=dtype)
+        b = save_image(arr, geom, tmp_path / f"{dtype}{plain}", dtype=dtype)
+        assert gzip.decompress(a.read_bytes()) == b.read_bytes()
+
+
 def test_failed_overwrite_keeps_existing_file(tmp_path, monkeypatch):
     arr, geom = _inputs(tmp_path)
     out = tmp_path / "out.nii.gz"
     out.write_bytes(b"precious")
     before = sorted(os.listdir(tmp_path))
 
-    def failing_save(img, filename, **kwargs):
+    def failing_write(img, filename, suffix):
         Path(filename).write_bytes(b"partial")
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(nib, "save", failing_save)
+    monkeypatch.setattr(io_module, "_write", failing_write)
     with pytest.raises(InputError, match="out.nii.gz.*no space left"):
         save_image(arr, geom, out, overwrite=True)
     assert out.read_bytes() == b"precious"
@@ -393,8 +403,6 @@ def test_stale_header_is_rewritten_from_the_affine(tmp_path):
 
 def test_save_refuses_a_grid_it_cannot_reproduce(tmp_path, monkeypatch):
     """If the image built for writing does not carry the input's grid, nothing is written."""
-    import yoda.data.io as io_module
-
     arr, geom = _inputs(tmp_path)
     build = io_module._build_image
 
