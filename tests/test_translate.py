@@ -193,6 +193,18 @@ def test_seed_reproduces_and_another_seed_changes_diffusion(translator, sources)
     assert np.abs(a - c).max() > 1.0
 
 
+def test_a_prepared_subject_translates_as_its_sources(translator, sources, subject):
+    mask = subject["mask"]
+    prepared = translator.prepare(sources, mask=mask)
+    a = translator.translate(prepared, mode="diffusion", steps=2, seed=5)
+    b = translator.translate(sources, mode="diffusion", steps=2, seed=5, mask=mask)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.info["prepare_seconds"] == round(prepared.seconds, 3) > 0
+    assert a.info["seconds"] >= a.info["prepare_seconds"] + a.info["sampling_seconds"]
+    with pytest.raises(ConfigError, match="took its mask and resample options already"):
+        translator.translate(prepared, mask=mask)
+
+
 # ------------------------------------------------------------------------------------------
 # output files
 
