@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from yoda.batch import output_path, subject_lock, translate_cohort
+from yoda.batch import CohortResult, output_path, subject_lock, translate_cohort
 from yoda.cli import main
 from yoda.data import io
 from yoda.data.manifest import Manifest, Subject, read_manifest
@@ -43,11 +43,15 @@ def subject_row(sid: str, folder: Path, **files: Path) -> dict[str, str]:
 class StubTranslator:
     """Stands for a Translator: records calls and returns a small constant image."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.card = SimpleNamespace(target="flair")
         self.sources = ["t1w", "t2w"]
+        self.device = SimpleNamespace(type=device)  # cuda: the cohort overlaps its stages
         self.calls: list[dict] = []
         _, self.geometry = io.load_image((np.zeros((4, 4, 4), np.float32), np.eye(4)))
+
+    def check_options(self, **options):
+        pass
 
     def prepare(self, sources, **options):
         return dict(sources=sources, **options)
@@ -178,11 +182,12 @@ def test_output_path_of_a_plain_id(tmp_path):
     assert output_path(tmp_path, "sub-01", "flair") == tmp_path.resolve() / "sub-01_flair.nii.gz"
 
 
-def test_escaping_id_is_reported_and_nothing_is_written_outside(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_escaping_id_is_reported_and_nothing_is_written_outside(tmp_path, device):
     manifest = stub_manifest(tmp_path, ["ok", "evil"])
     manifest.subjects[1].id = "../evil"  # as if a reader had let it through
     out = tmp_path / "deep" / "out"
-    stub = StubTranslator()
+    stub = StubTranslator(device)
     result = translate_cohort(stub, manifest, split="test", out_dir=out, options={}, progress=False)
     assert result.done == ["ok"] and list(result.failed) == ["../evil"]
     assert "would write outside" in result.failed["../evil"]
@@ -191,7 +196,8 @@ def test_escaping_id_is_reported_and_nothing_is_written_outside(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ok_flair.json", "ok_flair.nii.gz"]
 
 
-def test_ranks_share_the_subjects(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_ranks_share_the_subjects(tmp_path, monkeypatch, device):
     ids = [f"s{i}" for i in range(5)]
     manifest = stub_manifest(tmp_path, ids)
     done = []
@@ -199,7 +205,7 @@ def test_ranks_share_the_subjects(tmp_path, monkeypatch):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         result = translate_cohort(
-            StubTranslator(), manifest, split="test", out_dir=tmp_path / "o", options={},
+            StubTranslator(device), manifest, split="test", out_dir=tmp_path / "o", options={},
             seed=9, progress=False,
         )  # fmt: skip
         done.append(result.done)
@@ -209,18 +215,27 @@ def test_ranks_share_the_subjects(tmp_path, monkeypatch):
         assert info["seed"] == subject_seed(9, sid)
 
 
-def test_force_translates_finished_subjects_again(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_force_translates_finished_subjects_again(tmp_path, device):
     manifest = stub_manifest(tmp_path, ["a", "b"])
-    first = translate_cohort(StubTranslator(), manifest, split="test", out_dir=tmp_path / "o",
-                             options={}, progress=False)  # fmt: skip
-    again = translate_cohort(StubTranslator(), manifest, split="test", out_dir=tmp_path / "o",
-                             options={}, progress=False)  # fmt: skip
-    forced = translate_cohort(StubTranslator(), manifest, split="test", out_dir=tmp_path / "o",
-                              options={}, force=True, progress=False)  # fmt: skip
+
+    def run(force: bool = False):
+        return translate_cohort(
+            StubTranslator(device),
+            manifest,
+            split="test",
+            out_dir=tmp_path / "o",
+            options={},
+            force=force,
+            progress=False,
+        )
+
+    first, again, forced = run(), run(), run(force=True)
     assert first.done == ["a", "b"] and again.skipped == ["a", "b"] and forced.done == ["a", "b"]
 
 
-def test_warnings_of_finished_subjects_are_collected(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_warnings_of_finished_subjects_are_collected(tmp_path, device):
     class Warns(StubTranslator):
         def translate(self, sources, **options):
             res = super().translate(sources, **options)
@@ -228,8 +243,9 @@ def test_warnings_of_finished_subjects_are_collected(tmp_path):
                 res.info["warnings"] = ["voxel size 1 x 1 x 1 mm is unlike the model's"]
             return res
 
-    result = translate_cohort(Warns(), stub_manifest(tmp_path, ["a", "b", "c"]), split="test",
-                              out_dir=tmp_path / "o", options={}, progress=False)  # fmt: skip
+    manifest = stub_manifest(tmp_path, ["a", "b", "c"])
+    result = translate_cohort(Warns(device), manifest, split="test", out_dir=tmp_path / "o",
+                              options={}, progress=False)  # fmt: skip
     assert result.done == ["a", "b", "c"]
     assert result.warnings == {"b": ["voxel size 1 x 1 x 1 mm is unlike the model's"]}
 
@@ -270,14 +286,17 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 class Recorder(StubTranslator):
-    """A stub whose translation of a subject waits (up to ``wait`` s) for the next subject's
-    preparation, and records what was prepared by then (subjects s0, s1, s2)."""
+    """A stub for subjects s0, s1, s2 whose translation of a subject waits (up to ``wait`` s)
+    for the next subject's preparation, and records what was prepared by then and which
+    locks were held in ``folder``."""
 
-    def __init__(self, wait: float, fail: dict[str, BaseException] | None = None) -> None:
-        super().__init__()
-        self.wait, self.fail = wait, fail or {}
+    def __init__(self, wait: float, folder: Path, fail: dict | None = None, device="cpu") -> None:
+        super().__init__(device)
+        self.wait, self.folder, self.fail = wait, folder, fail or {}
         self.prepared: list[str] = []
+        self.translating: list[str] = []
         self.seen: dict[str, list[str]] = {}
+        self.locked: dict[str, list[str]] = {}
         self.changed = threading.Condition()
         self.failing = threading.Event()
 
@@ -290,65 +309,89 @@ class Recorder(StubTranslator):
     def translate(self, prepared, **options):
         sid = prepared["sources"]["t1w"].name
         with self.changed:
+            self.translating.append(sid)
+            self.changed.notify_all()
             # s2, the last subject, has no next one
             self.changed.wait_for(lambda: sid == "s2" or self.prepared[-1] != sid, self.wait)
             self.seen[sid] = list(self.prepared)
+        self.locked[sid] = sorted(p.name for p in self.folder.glob("*.lock"))
         if sid in self.fail:
             self.failing.set()
             raise self.fail[sid]
         return super().translate(prepared, **options)
 
+    def run(self, **kw) -> CohortResult:
+        manifest = Manifest(
+            [Subject(id=s, split="test", images={"t1w": Path(s), "t2w": Path(s)}) for s in IDS],
+            self.folder,
+        )
+        return translate_cohort(self, manifest, split="test", out_dir=self.folder, options={},
+                                progress=False, **kw)  # fmt: skip
 
-def recorder_manifest(root: Path, ids: list[str]) -> Manifest:
-    subjects = [Subject(id=s, split="test", images={"t1w": root / s, "t2w": root / s}) for s in ids]
-    return Manifest(subjects, root)
+
+IDS = ["s0", "s1", "s2"]
 
 
 def test_next_subject_is_prepared_and_previous_written_while_one_samples(tmp_path, monkeypatch):
-    writers: dict[str, str] = {}
+    overlapped: dict[str, bool] = {}
     save = Translation.save
 
-    def recording_save(self, path, **kw):
-        writers[Path(path).name] = threading.current_thread().name
+    def save_waiting_for_the_next_subject(self, path, **kw):
+        sid = Path(path).name.split("_")[0]
+        if sid != "s2":
+            following = IDS[IDS.index(sid) + 1]
+            with stub.changed:
+                overlapped[sid] = stub.changed.wait_for(
+                    lambda: following in stub.translating, stub.wait
+                )
         return save(self, path, **kw)
 
-    monkeypatch.setattr(Translation, "save", recording_save)
-    ids = ["s0", "s1", "s2"]
-    stub = Recorder(wait=30.0)
-    stub.device = SimpleNamespace(type="cuda")  # overlapping is the default on a GPU
-    result = translate_cohort(stub, recorder_manifest(tmp_path, ids), split="test",
-                              out_dir=tmp_path / "o", options={}, progress=False)  # fmt: skip
-    assert result.done == ids
-    assert stub.seen == {"s0": ["s0", "s1"], "s1": ["s0", "s1", "s2"], "s2": ids}
-    assert all(name.startswith("yoda-write") for name in writers.values()) and len(writers) == 3
+    monkeypatch.setattr(Translation, "save", save_waiting_for_the_next_subject)
+    stub = Recorder(wait=30.0, folder=tmp_path / "cuda", device="cuda")  # overlaps by default
+    assert stub.run().done == IDS
+    assert stub.seen == {"s0": ["s0", "s1"], "s1": IDS, "s2": IDS}
+    assert overlapped == {"s0": True, "s1": True}
 
-    for device, overlap in ((SimpleNamespace(type="cpu"), None), (stub.device, False)):
-        writers.clear()
-        stub = Recorder(wait=0.2)
-        stub.device = device
-        result = translate_cohort(stub, recorder_manifest(tmp_path, ids), split="test",
-                                  out_dir=tmp_path / device.type, options={}, progress=False,
-                                  overlap=overlap)  # fmt: skip
-        assert result.done == ids
-        assert stub.seen == {"s0": ["s0"], "s1": ["s0", "s1"], "s2": ids}
-        assert len(writers) == 3
+    for device, overlap in (("cpu", None), ("cuda", False)):
+        overlapped.clear()
+        stub = Recorder(wait=0.2, folder=tmp_path / f"{device}-{overlap}", device=device)
+        assert stub.run(overlap=overlap).done == IDS
+        assert stub.seen == {"s0": ["s0"], "s1": ["s0", "s1"], "s2": IDS}
+        assert overlapped == {"s0": False, "s1": False}
 
 
-def test_failures_and_interruptions_leave_no_lock_and_no_partial_file(tmp_path, monkeypatch):
-    ids = ["s0", "s1", "s2"]
-    out = tmp_path / "o"
-    stub = Recorder(wait=30.0, fail={"s1": InputError("s1 is broken")})
-    result = translate_cohort(stub, recorder_manifest(tmp_path, ids), split="test", out_dir=out,
-                              options={}, progress=False, overlap=True)  # fmt: skip
-    assert result.done == ["s0", "s2"] and result.failed == {"s1": "s1 is broken"}
-    assert sorted(p.name for p in out.iterdir()) == [
-        "s0_flair.json", "s0_flair.nii.gz", "s2_flair.json", "s2_flair.nii.gz"
+def test_overlapped_failures_are_recorded_in_order_and_release_their_lock(tmp_path, monkeypatch):
+    save = Translation.save
+
+    def disk_full_for_s0(self, path, **kw):
+        if Path(path).name.startswith("s0"):
+            raise InputError("disk full")
+        return save(self, path, **kw)
+
+    monkeypatch.setattr(Translation, "save", disk_full_for_s0)
+    stub = Recorder(wait=30.0, folder=tmp_path, fail={"s1": InputError("s1 is broken")})
+    result = stub.run(overlap=True)
+    # s1 failed before the write of s0 did; the failures are listed in the manifest's order
+    assert result.done == ["s2"] and list(result.failed.items()) == [
+        ("s0", "disk full"), ("s1", "s1 is broken")
     ]  # fmt: skip
+    assert "s1_flair.nii.gz.lock" not in stub.locked["s2"]  # released when s1 failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s2_flair.json", "s2_flair.nii.gz"]
 
-    # an interruption while s1 samples and s0 is written: s0 is finished under its lock,
-    # s2 (prepared) is left, and every lock is released
-    out = tmp_path / "stopped"
-    stub = Recorder(wait=30.0, fail={"s1": KeyboardInterrupt()})
+    # a subject that another run holds is left to it
+    other = tmp_path / "busy"
+    other.mkdir()
+    with subject_lock(other / "s1_flair.nii.gz"):
+        stub = Recorder(wait=0.2, folder=other)
+        monkeypatch.setattr(Translation, "save", save)
+        result = stub.run(overlap=True)
+    assert result.done == ["s0", "s2"] and result.busy == ["s1"] and stub.prepared == ["s0", "s2"]
+
+
+def test_an_interruption_finishes_the_file_being_written_and_leaves_no_lock(tmp_path, monkeypatch):
+    """Interrupted while s1 samples and s0 is written: s0 is finished under its lock, s2
+    (being prepared) is left, and every lock is released."""
+    stub = Recorder(wait=30.0, folder=tmp_path, fail={"s1": KeyboardInterrupt()})
     locked = []
     save = Translation.save
 
@@ -360,10 +403,23 @@ def test_failures_and_interruptions_leave_no_lock_and_no_partial_file(tmp_path, 
 
     monkeypatch.setattr(Translation, "save", save_during_the_interruption)
     with pytest.raises(KeyboardInterrupt):
-        translate_cohort(stub, recorder_manifest(tmp_path, ids), split="test", out_dir=out,
-                         options={}, progress=False, overlap=True)  # fmt: skip
-    assert stub.prepared == ids and locked == [True]
-    assert sorted(p.name for p in out.iterdir()) == ["s0_flair.json", "s0_flair.nii.gz"]
+        stub.run(overlap=True)
+    assert stub.prepared == IDS and locked == [True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s0_flair.json", "s0_flair.nii.gz"]
+
+
+def test_bad_sampling_options_fail_once_before_any_subject_is_read(
+    tiny_model, phantom_cohort, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    args = ["translate", "--model", str(tiny_model), "--data", str(phantom_cohort), "--split",
+            "test", "--out-dir", str(out), "--mode", "diffusion", "--steps", "1001",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 1
+    printed = capsys.readouterr()
+    errors = printed.err.strip().splitlines()
+    assert len(errors) == 1 and "1001 sampling steps exceed the 251 available" in errors[0]
+    assert "translated" not in printed.out and list(out.iterdir()) == []
 
 
 def test_subject_seed_is_stable_and_distinct():

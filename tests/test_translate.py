@@ -200,7 +200,8 @@ def test_a_prepared_subject_translates_as_its_sources(translator, sources, subje
     b = translator.translate(sources, mode="diffusion", steps=2, seed=5, mask=mask)
     np.testing.assert_array_equal(a.image, b.image)
     assert a.info["prepare_seconds"] == round(prepared.seconds, 3) > 0
-    assert a.info["seconds"] >= a.info["prepare_seconds"] + a.info["sampling_seconds"]
+    parts = a.info["prepare_seconds"] + a.info["sampling_seconds"]
+    assert a.info["seconds"] >= parts - 0.002  # each rounded to 1 ms
     with pytest.raises(ConfigError, match="took its mask and resample options already"):
         translator.translate(prepared, mask=mask)
 

@@ -461,6 +461,20 @@ class Translator:
 
     # ------------------------------------------------------------------ helpers
 
+    def check_options(
+        self,
+        *,
+        mode: str = "regression",
+        n_ex: int = 4,
+        views: str | Sequence[str] = "all",
+        steps: str | int | None = None,
+        slice_correction: str = "none",
+    ) -> None:
+        """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
+        (arguments as there), before any subject is read."""
+        mode, view_names, n_ex = self._check_options(mode, views, n_ex, slice_correction)
+        self._nfe_plan(mode, view_names, n_ex, steps)
+
     def _check_options(
         self, mode: str, views: str | Sequence[str], n_ex: int, correction: str
     ) -> tuple[str, tuple[str, ...], int]:

@@ -27,7 +27,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from isal import igzip
 from nibabel.filebasedimages import ImageFileError
 from nibabel.freesurfer.mghformat import MGHHeader
 from nibabel.nifti1 import Nifti1Header
@@ -57,8 +56,14 @@ OUTPUT_DTYPES = ("float32", "uint8")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _MGH_SUFFIXES = (".mgz", ".mgh")
 _DEFLATE_MAX_RATIO = 1032
-#: gzip level of .nii.gz and .mgz outputs (ISA-L's 1: as small as zlib's 1, nibabel's default)
+#: gzip level of .nii.gz and .mgz outputs: ISA-L's 1 (2 % larger files than zlib's 1, which
+#: nibabel uses, on a 256^3 head)
 _GZIP_LEVEL = 1
+
+try:
+    from isal import igzip
+except ImportError:  # no wheel for this platform: nibabel's zlib writer
+    igzip = None
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
 
 # Header fields that define the NIfTI voxel-to-world mapping, plus units and description.
@@ -451,10 +456,17 @@ def save_image(
 
 
 def _write(img: SpatialImage, path: Path, suffix: str) -> None:
-    """Write ``img`` to ``path``; compressed formats go through ISA-L's gzip, which is about
-    10x faster than the zlib nibabel uses (a 256^3 float32 volume: 0.05 s against 0.44 s)."""
-    if suffix.lower() in (".nii.gz", ".mgz"):
-        with igzip.open(path, "wb", compresslevel=_GZIP_LEVEL) as fh:
+    """Write ``img`` to ``path``. Compressed formats go through ISA-L's gzip where it is
+    installed (``save_image`` of a 256^3 float32 .nii.gz: 0.09 s against 0.49 s with nibabel's
+    zlib), with nibabel's header fields: no file name, time stamp 0 (the same image gives the
+    same bytes)."""
+    if igzip is not None and suffix.lower() in (".nii.gz", ".mgz"):
+        with (
+            open(path, "wb") as raw,
+            igzip.IGzipFile(
+                filename="", mode="wb", fileobj=raw, compresslevel=_GZIP_LEVEL, mtime=0
+            ) as fh,
+        ):
             img.to_stream(fh)
     else:
         nib.save(img, str(path))
