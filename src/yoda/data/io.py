@@ -35,6 +35,11 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from nibabel.spatialimages import HeaderDataError, SpatialImage
 from scipy import ndimage
 
+try:
+    from isal import igzip
+except ImportError:  # no wheel for this platform: nibabel's zlib writer
+    igzip = None
+
 from yoda.atomic import atomic_path
 from yoda.device import array_threads
 from yoda.errors import ConfigError, GridMismatchError, InputError
@@ -59,11 +64,6 @@ _DEFLATE_MAX_RATIO = 1032
 #: gzip level of .nii.gz and .mgz outputs: ISA-L's 1 (2 % larger files than zlib's 1, which
 #: nibabel uses, on a 256^3 head)
 _GZIP_LEVEL = 1
-
-try:
-    from isal import igzip
-except ImportError:  # no wheel for this platform: nibabel's zlib writer
-    igzip = None
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
 
 # Header fields that define the NIfTI voxel-to-world mapping, plus units and description.
