@@ -206,6 +206,15 @@ def test_a_prepared_subject_translates_as_its_sources(translator, sources, subje
         translator.translate(prepared, mask=mask)
 
 
+def test_sampling_options_are_checked_before_the_sources_are_read(translator, tmp_path):
+    missing = {"t1w": tmp_path / "none.nii.gz", "t2w": tmp_path / "none.nii.gz"}
+    with pytest.raises(ConfigError, match="1001 sampling steps exceed"):
+        translator.translate(missing, mode="diffusion", steps=1001)
+    with pytest.raises(ConfigError, match="1001 sampling steps exceed"):
+        translator.check_options(mode="diffusion", steps=1001, seed=3)  # others not checked
+    translator.check_options(mode="regression", steps=1001)  # regression takes no steps
+
+
 # ------------------------------------------------------------------------------------------
 # output files
 

@@ -359,6 +359,7 @@ class Translator:
             ``progress(step_index, n_steps)`` after each network evaluation of the volume.
         """
         mode, view_names, n_ex = self._check_options(mode, views, n_ex, slice_correction)
+        n_total = self._nfe_plan(mode, view_names, n_ex, steps)  # checks steps before reading
         start = time.perf_counter()
         if isinstance(sources, PreparedSubject):
             if mask is not None or resample:
@@ -389,7 +390,6 @@ class Translator:
             trained_voxel_sizes=self.voxel_sizes,
             canvas=self.canvas,
         )
-        n_total = self._nfe_plan(mode, view_names, n_ex, steps)
 
         def callback(k: int, _t: int, _x0: torch.Tensor) -> None:
             if progress is not None:
@@ -469,9 +469,10 @@ class Translator:
         views: str | Sequence[str] = "all",
         steps: str | int | None = None,
         slice_correction: str = "none",
+        **_other: Any,
     ) -> None:
         """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
-        (arguments as there), before any subject is read."""
+        (arguments as there; its other options are not checked), before any subject is read."""
         mode, view_names, n_ex = self._check_options(mode, views, n_ex, slice_correction)
         self._nfe_plan(mode, view_names, n_ex, steps)
 
