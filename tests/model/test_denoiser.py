@@ -72,6 +72,22 @@ def test_fake_model_reproduces_expected_volume(view, n, batch_size):
         assert torch.all(t == 500) and t.dtype == torch.long
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_more_trajectories_than_a_batch_are_split_evenly(compiled):
+    """5 trajectories in batches of 4: groups of 3 and 2 slices' rows (a compiled network
+    pads the 2 to 3: 6 rows per slice, not 8 as groups of 4 and 1 padded to 4 would be)."""
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.rand((2, *SHAPE), generator=gen) * 2 - 1
+    x_t = torch.randn((5, *SHAPE), generator=gen)
+    net = FakeNet()
+    if compiled:  # what marks a torch.compile wrapper (not registered as a submodule)
+        object.__setattr__(net, "_orig_mod", net)
+    out = VolumeDenoiser(net, make_schedule(), "x0", cond, batch_size=4)(x_t, 500, "axial")
+    torch.testing.assert_close(out, expected_fake(x_t, cond, "axial", 5), rtol=0, atol=1e-6)
+    rows = [call[0][0] for call in net.calls]
+    assert rows == ([3, 3] if compiled else [3, 2]) * SHAPE[AXIS["axial"]]
+
+
 def test_predictions_are_converted_with_the_schedule():
     """A network that outputs 0: x0 = sqrt(ab) x_t for v, x_t / sqrt(ab) for eps, 0 for x0."""
 

@@ -452,7 +452,10 @@ class VolumeDenoiser:
         n_vol, depth, hp, wp = xp.shape
         out_view = to_view(out, view)  # a permuted view of the output buffer
         per_call = max(1, self.batch_size // n_vol)  # slices per forward pass
-        vol_step = min(n_vol, self.batch_size)  # trajectories per forward pass
+        # trajectories per forward pass; more than a batch are split into groups that differ
+        # by one at most (a compiled network's padding of the last group then stays small)
+        groups = -(-n_vol // self.batch_size)
+        vol_step = -(-n_vol // groups)
         full = per_call * vol_step
         one_shape = is_compiled(self._net)  # compiled: every batch of the view as large
         steps = torch.full((full,), t, dtype=torch.long, device=self.device)
