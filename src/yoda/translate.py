@@ -311,6 +311,21 @@ class Translator:
             resample=resample,
         )
 
+    def check_options(
+        self,
+        *,
+        mode: str = "regression",
+        n_ex: int = 4,
+        views: str | Sequence[str] = "all",
+        steps: str | int | None = None,
+        slice_correction: str = "none",
+        **_other: Any,
+    ) -> None:
+        """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
+        (arguments as there; its other options are not checked), before any subject is read."""
+        mode, view_names, n_ex = self._check_options(mode, views, n_ex, slice_correction)
+        self._nfe_plan(mode, view_names, n_ex, steps)
+
     def translate(
         self,
         sources: Mapping[str, Any] | PreparedSubject,
@@ -460,21 +475,6 @@ class Translator:
         return Translation(image=out, geometry=prep.geometry, info=info, samples=samples, std=std)
 
     # ------------------------------------------------------------------ helpers
-
-    def check_options(
-        self,
-        *,
-        mode: str = "regression",
-        n_ex: int = 4,
-        views: str | Sequence[str] = "all",
-        steps: str | int | None = None,
-        slice_correction: str = "none",
-        **_other: Any,
-    ) -> None:
-        """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
-        (arguments as there; its other options are not checked), before any subject is read."""
-        mode, view_names, n_ex = self._check_options(mode, views, n_ex, slice_correction)
-        self._nfe_plan(mode, view_names, n_ex, steps)
 
     def _check_options(
         self, mode: str, views: str | Sequence[str], n_ex: int, correction: str
