@@ -323,8 +323,7 @@ class Translator:
     ) -> None:
         """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
         (arguments as there; its other options are not checked), before any subject is read."""
-        mode, view_names, n_ex = self._check_options(mode, views, n_ex, slice_correction)
-        self._nfe_plan(mode, view_names, n_ex, steps)
+        self._check_options(mode, views, n_ex, slice_correction, steps)
 
     def translate(
         self,
@@ -373,8 +372,8 @@ class Translator:
         progress : callable, optional
             ``progress(step_index, n_steps)`` after each network evaluation of the volume.
         """
-        mode, view_names, n_ex = self._check_options(mode, views, n_ex, slice_correction)
-        n_total = self._nfe_plan(mode, view_names, n_ex, steps)  # checks steps before reading
+        # before reading anything
+        view_names, n_total = self._check_options(mode, views, n_ex, slice_correction, steps)
         start = time.perf_counter()
         if isinstance(sources, PreparedSubject):
             if mask is not None or resample:
@@ -477,8 +476,9 @@ class Translator:
     # ------------------------------------------------------------------ helpers
 
     def _check_options(
-        self, mode: str, views: str | Sequence[str], n_ex: int, correction: str
-    ) -> tuple[str, tuple[str, ...], int]:
+        self, mode: str, views: str | Sequence[str], n_ex: int, correction: str, steps: Any
+    ) -> tuple[tuple[str, ...], int]:
+        """The views and the network evaluations per trajectory of valid sampling options."""
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         if isinstance(views, str):
@@ -498,12 +498,8 @@ class Translator:
             )
         if mode == "regression":
             sampling.check_regression_allowed(self.card.prediction)
-        return mode, view_names, n_ex
-
-    def _nfe_plan(self, mode: str, views: tuple[str, ...], n_ex: int, steps: Any) -> int:
-        if mode == "regression":
-            return len(views)
-        return len(sampling.timesteps_for(self.schedule, steps))
+            return view_names, len(view_names)
+        return view_names, len(sampling.timesteps_for(self.schedule, steps))
 
     def _to_output(self, image: torch.Tensor, prep: PreparedSubject, correction: str) -> np.ndarray:
         x255 = from_network(image.float().clamp(-1.0, 1.0)).cpu().numpy()
