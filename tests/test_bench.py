@@ -106,6 +106,35 @@ def test_quick_bench_emits_every_figure(tmp_path):
     assert torch.utils.deterministic.fill_uninitialized_memory
 
 
+@pytest.mark.parametrize(("batch_size", "compile"), [(None, None), (3, None), (None, "eager")])
+def test_translate_overhead_times_the_translation_s_own_network_calls(
+    tmp_path, monkeypatch, batch_size, compile
+):
+    """The pure-network reference of ``translate_overhead`` makes the calls that the
+    translation makes, input shapes and all (here several per view of 24 slices of 24 x 24:
+    5 slices by the automatic batch, or 3, or compiled: the last call padded to 5)."""
+    from collections import Counter
+
+    from yoda.bench import _Bench
+    from yoda.model import denoiser
+
+    monkeypatch.setitem(denoiser.AUTO_BATCH_PIXELS, "cpu", 5 * 24 * 24)
+    b = _Bench(torch.device("cpu"), "tiny", "tiny", "fp32", batch_size, False, tmp_path,
+               compile=compile)  # fmt: skip
+    b.setup()
+    calls = []
+    hook = b.model.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    b.translator.translate(b.sources, mode="regression")
+    translation = Counter(calls)
+    calls.clear()
+    b.translate(1)  # two translations and two runs of the reference
+    hook.remove()
+    assert b.details["translate_calls"] == translation.total() > 3
+    assert Counter(calls) == Counter({shape: 4 * k for shape, k in translation.items()})
+    expected_rows = {3} if batch_size else {5} if compile else {5, 4}
+    assert {shape[0] for shape in translation} == expected_rows
+
+
 def test_bench_options_are_checked():
     with pytest.raises(ConfigError, match="size"):
         run_bench("cpu", "tiny", size="huge", progress=False)

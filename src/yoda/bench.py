@@ -500,7 +500,7 @@ class _Bench:
         preset: str,
         size: str,
         precision: str,
-        batch_size: int,
+        batch_size: int | None,
         progress: bool,
         workdir: Path,
         channels_last: bool = False,
@@ -528,6 +528,19 @@ class _Bench:
         self.notes: dict[str, str] = {}
         self.absolute: dict[str, Any] = {}
         self.details: dict[str, Any] = {}
+
+    def rows(self, height: int, width: int) -> int:
+        """Network inputs per call for slices of this size (a view deeper than the batch)."""
+        from yoda.model.denoiser import call_plan
+
+        return call_plan(self.batch_size, self.device, 1, 1 << 30, height, width)[0]
+
+    @property
+    def batch_label(self) -> str:
+        """The batch size as the notes name it."""
+        if self.batch_size is not None:
+            return f"batch {self.batch_size}"
+        return f"automatic batch (the pixels of {self.rows(256, 256)} slices of 256x256 per call)"
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
         _log(self.progress, f"{name} ...")
@@ -651,21 +664,31 @@ class _Bench:
             res = tr.translate(self.sources, mode="regression", seed=0)
             res.save(out_path, overwrite=True)
 
-        model, bs, dev = self.model, self.batch_size, self.device
+        from yoda.model.denoiser import call_plan, is_compiled
+
+        model, dev = self.model, self.device
         net = self.net  # the translator's network: compiled when asked
+        padded = is_compiled(net)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         views = _view_shapes(self.shape, model.in_multiple)
         inputs = {}
         gen = torch.Generator(device=dev).manual_seed(0)
-        for _, h, w in views.values():
+        # the translation's calls: (H, W, rows), a compiled network's padded to the full call
+        calls = []
+        for d, h, w in views.values():
+            bs, _ = call_plan(self.batch_size, dev, 1, d, h, w, compiled=padded)
+            calls += [(h, w, bs if padded else min(bs, d - i0)) for i0 in range(0, d, bs)]
+        for h, w, _ in calls:
             if (h, w) not in inputs:
+                bs = max(rows for hh, ww, rows in calls if (hh, ww) == (h, w))
                 x = torch.randn((bs, model.n_slices, h, w), generator=gen, device=dev)
                 c = torch.randn(
                     (bs, model.n_slices * model.n_sources, h, w), generator=gen, device=dev
                 )
                 inputs[(h, w)] = (x.contiguous(memory_format=fmt), c.contiguous(memory_format=fmt))
-        steps = torch.full((bs,), self.sched.T - 1, dtype=torch.long, device=dev)
-        calls = [(h, w, min(bs, d - i0)) for d, h, w in views.values() for i0 in range(0, d, bs)]
+        steps = torch.full(
+            (max(rows for *_, rows in calls),), self.sched.T - 1, dtype=torch.long, device=dev
+        )
 
         def network() -> None:
             ctx = (
@@ -881,15 +904,15 @@ class _Bench:
         }
         how = "VmHWM reset before translating" if res["reset"] else "VmHWM since process start"
         self.notes["peak_memory_translate_mb"] = (
-            f"{size}^3 regression with {self.preset}, batch {self.batch_size}: peak resident set "
+            f"{size}^3 regression with {self.preset}, {self.batch_label}: peak resident set "
             f"of a fresh process above its {res['base_mb']:.0f} MB after loading the model "
             f"({how})"
         )
         self.figures["peak_memory_forward_small_mb"] = small["delta_mb"]
         self.absolute["small_forward_s"] = small["seconds"]
         self.notes["peak_memory_forward_small_mb"] = (
-            f"CPU: one forward of the small network for a reduced batch of {b} slice(s) of "
-            f"{hw}x{hw} (fp32, inference) instead of the default batch {self.batch_size}"
+            f"CPU: one forward of the small network for {b} slice(s) of {hw}x{hw} (fp32, "
+            f"inference; sampling calls it with {self.rows(hw, hw)})"
         )
 
     def _memory_cuda(self, sources: dict[str, str], out: str, size: int) -> None:
@@ -917,12 +940,13 @@ class _Bench:
         }
         self.figures["peak_memory_translate_mb"] = peak / 2**20
         self.notes["peak_memory_translate_mb"] = (
-            f"{size}^3 regression with {self.preset}, batch {self.batch_size}, "
+            f"{size}^3 regression with {self.preset}, {self.batch_label}, "
             f"{self.precision}: torch.cuda.max_memory_allocated above the loaded model"
         )
         del res
         net = Denoiser2p5D("small", n_slices=5, n_sources=len(_SOURCES)).to(dev).eval()
-        b, hw = self.batch_size, self.cfg["small_size"]
+        hw = self.cfg["small_size"]
+        b = self.rows(hw, hw)
         x = torch.randn((b, 5, hw, hw), device=dev)
         c = torch.randn((b, 5 * len(_SOURCES), hw, hw), device=dev)
         t = torch.full((b,), 999, dtype=torch.long, device=dev)
@@ -1031,7 +1055,7 @@ def run_bench(
     json_path: str | os.PathLike | None = None,
     progress: bool = True,
     precision: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     threads: int | None = None,
     channels_last: bool = False,
     compile: str | None = None,
@@ -1048,7 +1072,7 @@ def run_bench(
     progress : print each stage and its duration to stderr.
     precision : "auto" (as ``yoda translate``: fp16 on CUDA, fp32 on the CPU), "fp32", "bf16" or
         (CUDA) "fp16" for the inference measurements.
-    batch_size : slices per network call in sampling.
+    batch_size : slices per network call in sampling (None: by slice size, as translate).
     threads : CPU threads (default: torch's current setting).
     channels_last, compile : translation speed options (:class:`yoda.translate.Translator`;
         which measurements use them: the module docstring); ``compile`` (a mode of
@@ -1062,15 +1086,14 @@ def run_bench(
         ``details`` and ``machine``.
     """
     from yoda.device import resolve_device
-    from yoda.model.denoiser import check_compile_option
+    from yoda.model.denoiser import check_batch_size, check_compile_option
     from yoda.model.network import PRESETS
 
     if size not in SIZES:
         raise ConfigError(f"bench size must be one of {sorted(SIZES)}, got {size!r}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown network preset {preset!r}; choose one of {sorted(PRESETS)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    batch_size = check_batch_size(batch_size)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     compile = check_compile_option(compile)
@@ -1160,7 +1183,7 @@ def format_report(result: dict[str, Any]) -> str:
         result["device"],
         f"size {result['size']}",
         result["precision"],
-        f"batch {result['batch_size']}",
+        f"batch {result['batch_size'] or 'auto'}",
     ]
     if result.get("channels_last"):
         options.append("channels-last")

@@ -35,7 +35,7 @@ from yoda.diffusion import sampling
 from yoda.diffusion.schedule import make_schedule
 from yoda.errors import ConfigError, InputError, ModelError
 from yoda.model.checkpoint import ModelCard, load_model
-from yoda.model.denoiser import VolumeDenoiser, compile_network
+from yoda.model.denoiser import VolumeDenoiser, check_batch_size, compile_network
 from yoda.volume.gamma import GAMMA_METHODS, slice_correction
 from yoda.volume.views import VIEW_AXIS, VIEWS
 
@@ -220,7 +220,9 @@ class Translator:
     (fused or plain attention; None keeps the model's setting) and ``compile`` (a
     ``torch.compile`` mode, compiled once per Translator; "reduce-overhead" uses CUDA graphs).
     ``cache_cond`` keeps the source slabs of every view in memory (``n`` times the sources per
-    view) instead of gathering them per batch, for a gain under 1 %.
+    view) instead of gathering them per batch, for a gain under 1 %. ``batch_size``: network
+    inputs per call; None chooses by slice size and device
+    (:func:`yoda.model.denoiser.auto_batch_size`).
     """
 
     def __init__(
@@ -230,15 +232,14 @@ class Translator:
         *,
         device: torch.device,
         precision: str = "auto",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         model_dir: str | None = None,
         channels_last: bool = False,
         flash_attention: bool | None = None,
         compile: str | bool | None = None,
         cache_cond: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        batch_size = check_batch_size(batch_size)
         self.model = model.to(device).eval()
         self.channels_last = bool(channels_last)
         self.flash_attention = flash_attention
@@ -249,7 +250,7 @@ class Translator:
         self.device = device
         self.precision = inference_precision(precision, device)
         self.amp_dtype = autocast_dtype(self.precision, device)
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.schedule = make_schedule(card.schedule, card.T)
         self.model_dir = model_dir
         # what the card says of the training data (each checked here, at load)
@@ -263,7 +264,7 @@ class Translator:
         *,
         device: str | torch.device = "auto",
         precision: str = "auto",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         weights: str = "ema",
         channels_last: bool = False,
         flash_attention: bool | None = None,

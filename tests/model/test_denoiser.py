@@ -9,7 +9,8 @@ from torch import nn
 
 from yoda.diffusion.schedule import make_schedule
 from yoda.errors import ConfigError, InputError
-from yoda.model.denoiser import VolumeDenoiser
+from yoda.model import denoiser as denoiser_module
+from yoda.model.denoiser import VolumeDenoiser, auto_batch_size
 from yoda.model.network import Denoiser2p5D, NetworkConfig
 
 AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -86,6 +87,54 @@ def test_more_trajectories_than_a_batch_are_split_evenly(compiled):
     torch.testing.assert_close(out, expected_fake(x_t, cond, "axial", 5), rtol=0, atol=1e-6)
     rows = [call[0][0] for call in net.calls]
     assert rows == ([3, 3] if compiled else [3, 2]) * SHAPE[AXIS["axial"]]
+
+
+def test_automatic_batch_size_is_a_pixel_budget_per_device():
+    # CUDA: 32 slices of 256^2, more of smaller slices, fewer of larger ones
+    assert [auto_batch_size("cuda", s, s) for s in (64, 128, 240, 256, 512)] == [
+        512, 128, 36, 32, 8
+    ]  # fmt: skip
+    # CPU: 8 slices of 256^2, at most 32; at least one
+    assert [auto_batch_size("cpu", s, s) for s in (64, 128, 160, 256, 1024)] == [32, 32, 20, 8, 1]
+    assert auto_batch_size(torch.device("cpu"), 256, 128) == 16
+    assert auto_batch_size("meta", 256, 256) == 8  # other devices as the CPU
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_default_batches_follow_the_pixel_budget(monkeypatch, compiled):
+    """No batch size: calls hold the budget's rows (here 8 slices of the padded 16 x 16: 2
+    slices of 4 trajectories); a compiled network's last call is padded to them."""
+    monkeypatch.setitem(denoiser_module.AUTO_BATCH_PIXELS, "cpu", 8 * 16 * 16)
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.rand((2, *SHAPE), generator=gen) * 2 - 1
+    x_t = torch.randn((4, *SHAPE), generator=gen)
+    net = FakeNet()
+    if compiled:
+        object.__setattr__(net, "_orig_mod", net)
+    out = VolumeDenoiser(net, make_schedule(), "x0", cond)(x_t, 500, "axial")
+    torch.testing.assert_close(out, expected_fake(x_t, cond, "axial", 5), rtol=0, atol=1e-6)
+    assert [c[0][0] for c in net.calls] == [8] * 5 + [8 if compiled else 4]  # 11 slices
+
+
+@pytest.mark.parametrize(
+    ("depth", "budget", "eager", "compiled"),
+    [(11, 100, [11], [32]), (70, 100, [70], [96]), (70, 40, [40, 30], [40, 40])],
+)
+def test_views_shorter_than_the_batch(monkeypatch, depth, budget, eager, compiled):
+    """A call never holds more slices than the view; a compiled network's calls are padded
+    to a multiple of 32 slices (few input shapes), not to the whole batch."""
+    monkeypatch.setattr(denoiser_module, "_AUTO_BATCH_MAX_CPU", 1000)
+    monkeypatch.setitem(denoiser_module.AUTO_BATCH_PIXELS, "cpu", budget * 16 * 16)
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.rand((2, 9, 10, depth), generator=gen) * 2 - 1
+    x_t = torch.randn((1, 9, 10, depth), generator=gen)
+    for rows, is_compiled in ((eager, False), (compiled, True)):
+        net = FakeNet()
+        if is_compiled:
+            object.__setattr__(net, "_orig_mod", net)
+        out = VolumeDenoiser(net, make_schedule(), "x0", cond)(x_t, 500, "axial")
+        torch.testing.assert_close(out, expected_fake(x_t, cond, "axial", 5), rtol=0, atol=1e-6)
+        assert [c[0][0] for c in net.calls] == rows
 
 
 def test_predictions_are_converted_with_the_schedule():
@@ -180,8 +229,9 @@ def test_invalid_arguments_raise():
         VolumeDenoiser(FakeNet(), sched, "v", np.zeros(SHAPE))
     with pytest.raises(ConfigError):
         VolumeDenoiser(FakeNet(), sched, "score", cond)
-    with pytest.raises(ConfigError):
-        VolumeDenoiser(FakeNet(), sched, "v", cond, batch_size=0)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="batch size"):
+            VolumeDenoiser(FakeNet(), sched, "v", cond, batch_size=bad)
     with pytest.raises(ConfigError):
         VolumeDenoiser(FakeNet(), sched, "v", cond, autocast_dtype="fp16")  # CPU
     denoise = VolumeDenoiser(FakeNet(), sched, "v", cond)

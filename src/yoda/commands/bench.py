@@ -46,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "translate: fp16 on CUDA, fp32 on the CPU)",
     )
     p.add_argument(
-        "--batch-size", type=_positive, default=32, help="slices per network call (default 32)"
+        "--batch-size",
+        type=_positive,
+        default=None,
+        help="slices per network call (default: by slice size, as translate)",
     )
     p.add_argument(
         "--threads", type=_positive, default=None, help="CPU threads (default: all cores)"

@@ -67,7 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices per network call (default: by slice size, e.g. 32 of 256x256 on CUDA, 8 on "
+        "the CPU)",
+    )
     p.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
@@ -135,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     sources = _source_flags(getattr(args, "extra", []))
     if args.n_ex < 1:
         raise ConfigError(f"--n-ex must be >= 1; got {args.n_ex}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
     batch = args.data is not None
     if batch:
