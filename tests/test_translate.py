@@ -296,6 +296,14 @@ def test_auto_precision_is_fp16_on_cuda_and_fp32_on_the_cpu(tiny_model):
     assert tr.precision == "fp32" and tr.amp_dtype is None
 
 
+def test_batch_size_is_automatic_by_default_and_checked(tiny_model):
+    assert Translator.load(tiny_model, device="cpu").batch_size is None
+    assert Translator.load(tiny_model, device="cpu", batch_size=5).batch_size == 5
+    for bad in (0, 2.5, True, "8"):
+        with pytest.raises(ConfigError, match="batch size must be a positive integer"):
+            Translator.load(tiny_model, device="cpu", batch_size=bad)
+
+
 @pytest.mark.parametrize(
     ("precision", "value", "hint"),
     [
