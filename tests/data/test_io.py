@@ -452,14 +452,75 @@ def test_not_an_image(tmp_path):
         load_image(42)
 
 
+@pytest.mark.parametrize("gzipper", ["isal", "zlib"])
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mgz"])
-def test_truncated_file(tmp_path, suffix):
+def test_truncated_file(tmp_path, monkeypatch, suffix, gzipper):
+    if gzipper == "zlib":
+        monkeypatch.setattr(io_module, "igzip", None)
     data, affine = _stored(_random((20, 20, 20)), _ras_affine(), "RAS")
     full = _write(tmp_path / f"full{suffix}", data, affine).read_bytes()
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(full[: len(full) // 2])
     with pytest.raises(InputError, match=rf"cut\{suffix}.*(damaged|truncated|readable)"):
         load_image(cut)
+
+
+class _ReadSpy:
+    """io's ``igzip`` with each ``IGzipFile.read`` size recorded."""
+
+    igzip = io_module.igzip  # the module itself (None where isal is not installed)
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def IGzipFile(self, *args, **kwargs):  # noqa: N802 (the module's name)
+        fh = self.igzip.IGzipFile(*args, **kwargs)
+        read = fh.read
+
+        def spy(size=-1):
+            self.sizes.append(size)
+            return read(size)
+
+        fh.read = spy
+        return fh
+
+
+@pytest.mark.skipif(io_module.igzip is None, reason="isal is not installed")
+@pytest.mark.parametrize("kind", ["float32", "scaled int16", "nifti2"])
+def test_gzipped_nifti_reads_through_isal_as_through_nibabel(tmp_path, monkeypatch, kind):
+    data, affine = _stored(_random((21, 18, 15)), _ras_affine(), "LPI")
+    if kind == "float32":
+        img = nib.Nifti1Image(data.astype(np.float32), affine)
+    elif kind == "scaled int16":
+        img = nib.Nifti1Image((data * 100).astype(np.int16), affine)
+        img.header.set_slope_inter(0.25, -7.0)
+    else:
+        img = nib.Nifti2Image(data.astype(np.float64), affine)
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"pushes the voxels on"))
+    path = tmp_path / "img.nii.gz"
+    nib.save(img, str(path))
+    # the gzip stream goes on past the voxels: nothing beyond them is decompressed
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + bytes(1 << 20)))
+    sizes = []
+    monkeypatch.setattr(io_module, "igzip", _ReadSpy(sizes))
+    got, geom = load_image(path)
+    monkeypatch.setattr(io_module, "igzip", None)
+    want, geom_nibabel = load_image(path)
+    assert np.array_equal(got, want) and got.dtype == np.float32
+    assert np.array_equal(geom.affine, geom_nibabel.affine) and geom.shape == geom_nibabel.shape
+    offset = nib.load(str(path)).dataobj.offset
+    assert offset > 352 and sizes == [offset + data.size * img.get_data_dtype().itemsize]
+
+
+@pytest.mark.skipif(io_module.igzip is None, reason="isal is not installed")
+def test_only_gzipped_nifti_files_read_through_isal(tmp_path, monkeypatch):
+    data, affine = _stored(_random((12, 10, 8)), _ras_affine(), "RAS")
+    sizes = []
+    monkeypatch.setattr(io_module, "igzip", _ReadSpy(sizes))
+    for suffix in (".nii", ".mgz"):
+        arr, _ = load_image(_write(tmp_path / f"img{suffix}", data, affine))
+        assert np.allclose(arr, data)
+    assert sizes == []
 
 
 @pytest.mark.parametrize(
