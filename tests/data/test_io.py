@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -466,50 +467,88 @@ def test_truncated_file(tmp_path, monkeypatch, suffix, gzipper):
 
 
 class _ReadSpy:
-    """io's ``igzip`` with each ``IGzipFile.read`` size recorded."""
+    """io's ``igzip``, recording where each ``IGzipFile`` stood when it was closed."""
 
     igzip = io_module.igzip  # the module itself (None where isal is not installed)
 
-    def __init__(self, sizes):
-        self.sizes = sizes
+    def __init__(self, positions):
+        self.positions = positions
 
     def IGzipFile(self, *args, **kwargs):  # noqa: N802 (the module's name)
         fh = self.igzip.IGzipFile(*args, **kwargs)
-        read = fh.read
+        close = fh.close
 
-        def spy(size=-1):
-            self.sizes.append(size)
-            return read(size)
+        def spy():
+            if not fh.closed:
+                self.positions.append(fh.tell())
+            close()
 
-        fh.read = spy
+        fh.close = spy
         return fh
 
 
 @pytest.mark.skipif(io_module.igzip is None, reason="isal is not installed")
-@pytest.mark.parametrize("kind", ["float32", "scaled int16", "nifti2"])
+@pytest.mark.parametrize("kind", ["float32", "scaled int16", "big-endian", "nifti2"])
 def test_gzipped_nifti_reads_through_isal_as_through_nibabel(tmp_path, monkeypatch, kind):
     data, affine = _stored(_random((21, 18, 15)), _ras_affine(), "LPI")
-    if kind == "float32":
-        img = nib.Nifti1Image(data.astype(np.float32), affine)
-    elif kind == "scaled int16":
-        img = nib.Nifti1Image((data * 100).astype(np.int16), affine)
-        img.header.set_slope_inter(0.25, -7.0)
-    else:
+    if kind == "nifti2":
         img = nib.Nifti2Image(data.astype(np.float64), affine)
+    elif kind == "float32":
+        img = nib.Nifti1Image(data.astype(np.float32), affine)
+    else:
+        dtype = np.dtype(np.int16).newbyteorder(">" if kind == "big-endian" else "=")
+        img = nib.Nifti1Image((data * 100).astype(dtype), affine)
+        img.header.set_slope_inter(0.25, -7.0)
     img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"pushes the voxels on"))
     path = tmp_path / "img.nii.gz"
     nib.save(img, str(path))
-    # the gzip stream goes on past the voxels: nothing beyond them is decompressed
+    # the gzip stream goes on past the voxels: nothing beyond them is read
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + bytes(1 << 20)))
-    sizes = []
-    monkeypatch.setattr(io_module, "igzip", _ReadSpy(sizes))
+    positions = []
+    monkeypatch.setattr(io_module, "igzip", _ReadSpy(positions))
     got, geom = load_image(path)
     monkeypatch.setattr(io_module, "igzip", None)
     want, geom_nibabel = load_image(path)
     assert np.array_equal(got, want) and got.dtype == np.float32
     assert np.array_equal(geom.affine, geom_nibabel.affine) and geom.shape == geom_nibabel.shape
     offset = nib.load(str(path)).dataobj.offset
-    assert offset > 352 and sizes == [offset + data.size * img.get_data_dtype().itemsize]
+    assert offset > 352 and positions == [offset + data.size * img.get_data_dtype().itemsize]
+
+
+def _nifti_gz_with_a_bad_block(tmp_path: Path) -> Path:
+    """A .nii.gz whose deflate stream breaks (a reserved block type) half-way through the
+    voxels, as a damaged disk or transfer may leave it."""
+    data, affine = _stored(_random((40, 40, 40), np.uint8), _ras_affine(), "RAS")
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "plain.nii"))
+    plain = (tmp_path / "plain.nii").read_bytes()
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = deflate.compress(plain[: len(plain) // 2]) + deflate.flush(zlib.Z_FULL_FLUSH)
+    path = tmp_path / "bad.nii.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00" + bytes(4) + b"\x00\xff" + body + b"\x07" + bytes(64))
+    return path
+
+
+@pytest.mark.parametrize("gzipper", ["isal", "zlib"])
+def test_damaged_deflate_stream_is_an_input_error(tmp_path, monkeypatch, gzipper):
+    if gzipper == "zlib":
+        monkeypatch.setattr(io_module, "igzip", None)
+    with pytest.raises(InputError, match=r"bad\.nii\.gz.*damaged or truncated"):
+        load_image(_nifti_gz_with_a_bad_block(tmp_path))
+
+
+@pytest.mark.parametrize("gzipper", ["isal", "zlib"])
+@pytest.mark.parametrize("offset", [2.0**33, 2.0**40, 1e20])
+def test_voxel_offset_beyond_the_file_is_an_input_error(tmp_path, monkeypatch, gzipper, offset):
+    if gzipper == "zlib":
+        monkeypatch.setattr(io_module, "igzip", None)
+    raw = tmp_path / "far.nii"
+    nib.save(nib.Nifti1Image(_random((8, 8, 8)), _ras_affine()), str(raw))
+    blob = bytearray(raw.read_bytes())
+    blob[108:112] = np.float32(offset).tobytes()  # vox_offset
+    path = tmp_path / "far.nii.gz"
+    path.write_bytes(gzip.compress(bytes(blob)))
+    with pytest.raises(InputError, match=r"far\.nii\.gz\): cannot read the image data"):
+        load_image(path)
 
 
 @pytest.mark.skipif(io_module.igzip is None, reason="isal is not installed")

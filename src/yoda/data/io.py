@@ -27,6 +27,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.freesurfer.mghformat import MGHHeader
 from nibabel.nifti1 import Nifti1Header
@@ -36,9 +37,9 @@ from nibabel.spatialimages import HeaderDataError, SpatialImage
 from scipy import ndimage
 
 try:
-    from isal import igzip
+    from isal import igzip, isal_zlib
 except ImportError:  # no wheel for this platform: nibabel's zlib reader and writer
-    igzip = None
+    igzip = isal_zlib = None
 
 from yoda.atomic import atomic_path
 from yoda.device import array_threads
@@ -64,7 +65,9 @@ _DEFLATE_MAX_RATIO = 1032
 #: gzip level of .nii.gz and .mgz outputs: ISA-L's 1 (2 % larger files than zlib's 1, which
 #: nibabel uses, on a 256^3 head)
 _GZIP_LEVEL = 1
-_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
+_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error) + (
+    () if isal_zlib is None else (isal_zlib.error,)
+)
 
 # Header fields that define the NIfTI voxel-to-world mapping, plus units and description.
 _NIFTI_FIELDS = (
@@ -159,7 +162,7 @@ def load_image(src: Any, *, name: str = "image") -> tuple[np.ndarray, Geometry]:
     """
     header: Any = None
     path: str | None = None
-    file: Path | None = None  # read through ISA-L where it can
+    file: Path | None = None  # its voxels read through ISA-L where they can be
     if isinstance(src, tuple | list) and len(src) == 2:
         data, affine = _from_pair(src, name)
         label = f"{name} <in-memory array>"
@@ -194,8 +197,10 @@ def load_image(src: Any, *, name: str = "image") -> tuple[np.ndarray, Geometry]:
             affine = np.asarray(img.affine, dtype=np.float64)
             # scaling that overflows float32 gives Inf, refused below with a clear message
             with _quiet_nibabel(), np.errstate(over="ignore", invalid="ignore"):
-                reader = img if file is None else _with_isal(img, file)
-                data = np.asarray(reader.get_fdata(dtype=np.float32)).reshape(shape)
+                data = None if file is None else _isal_fdata(img, file)
+                if data is None:
+                    data = img.get_fdata(dtype=np.float32)
+                data = np.asarray(data).reshape(shape)
         except _READ_ERRORS as err:
             raise InputError(
                 f"{label}: cannot read the image data (damaged or truncated file?): {err}"
@@ -292,20 +297,21 @@ def _open_path(path: Path, name: str) -> SpatialImage:
     return img
 
 
-def _with_isal(img: SpatialImage, path: Path) -> SpatialImage:
-    """``img``, or for a gzipped NIfTI file with ISA-L installed an in-memory image of its
-    header and voxels decompressed by ISA-L (no more than the header declares), which nibabel
-    reads as it would the file: 0.29 s against 0.44 s with zlib for a 256^3 float32 image."""
+def _isal_fdata(img: SpatialImage, path: Path) -> np.ndarray | None:
+    """The float32 voxels of a gzipped NIfTI file, decompressed by ISA-L straight into the
+    array that nibabel reads them into with the image's own scaling (0.31 s against 0.45 s with
+    zlib for a 256^3 float32 image); None for other files or without ISA-L."""
     proxy = getattr(img, "dataobj", None)
-    if igzip is None or not isinstance(img, nib.Nifti1Image) or not hasattr(proxy, "offset"):
-        return img
-    size = int(proxy.offset) + int(np.prod(proxy.shape, dtype=object)) * proxy.dtype.itemsize
+    if igzip is None or not isinstance(img, nib.Nifti1Image) or not isinstance(proxy, ArrayProxy):
+        return None
     with open(path, "rb") as raw:
         if raw.read(2) != b"\x1f\x8b":
-            return img
+            return None
         raw.seek(0)
         with igzip.IGzipFile(fileobj=raw, mode="rb") as fh:
-            return type(img).from_bytes(fh.read(size))
+            spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+            voxels = ArrayProxy(fh, spec, mmap=False, order=proxy.order)
+            return np.asarray(voxels, dtype=np.float32)
 
 
 def _check_data_size(img: SpatialImage, path: Path, name: str) -> None:
