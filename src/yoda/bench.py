@@ -531,9 +531,9 @@ class _Bench:
 
     def rows(self, height: int, width: int) -> int:
         """Network inputs per call for slices of this size (a view deeper than the batch)."""
-        from yoda.model.denoiser import call_plan
+        from yoda.model.denoiser import auto_batch_size
 
-        return call_plan(self.batch_size, self.device, 1, 1 << 30, height, width)[0]
+        return self.batch_size or auto_batch_size(self.device, height, width)
 
     @property
     def batch_label(self) -> str:
