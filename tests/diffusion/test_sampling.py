@@ -327,6 +327,24 @@ def test_draw_order_and_renoising() -> None:
     assert res.timesteps == tuple(steps)
 
 
+def test_expa_trajectories_draw_their_own_noise() -> None:
+    """Each ExpA trajectory gets its own x_T and its own re-noising noise at every step:
+    the batch's draws are (N_Ex, X, Y, Z), in the order x_T, then one draw per step."""
+    truth = _truth()
+    sched = make_schedule("linear", 20)
+    steps = [19, 4, 0]
+    oracle = Oracle(truth)
+    expa(oracle, SHAPE, sched, n_ex=3, timesteps=steps, generator=_gen(4))
+    g = _gen(4)
+    expected = [torch.randn((3, *SHAPE), generator=g)]
+    for t in steps[1:]:
+        expected.append(q_sample(sched, truth[None], t, torch.randn((3, *SHAPE), generator=g)))
+    assert len(oracle.inputs) == len(expected)
+    for seen, want in zip(oracle.inputs, expected, strict=True):
+        assert torch.equal(seen, want)
+        assert not torch.allclose(seen[0], seen[1]) and not torch.allclose(seen[1], seen[2])
+
+
 def test_regression_uses_one_x_T_for_all_views() -> None:
     oracle = Oracle(_truth())
     regression(oracle, SHAPE, make_schedule("linear", 100), generator=_gen(2))

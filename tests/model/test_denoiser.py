@@ -21,6 +21,10 @@ class FakeNet(nn.Module):
     """Pixel-wise known function of its input channels.
 
     output = source 1 centre slice + 0.5 * x_t centre slice + 0.25 * x_t first slab slice
+             + 0.125 * source 0 last slab slice
+
+    The first and last slab slices reach beyond the volume's edges, where latent and sources
+    must be padded with background (-1), as training pads them.
     """
 
     def __init__(self, n_slices=5, n_sources=2, in_multiple=8):
@@ -33,7 +37,8 @@ class FakeNet(nn.Module):
         n = self.n_slices
         self.calls.append((tuple(x_t.shape), tuple(cond.shape), t.clone()))
         r = n // 2
-        return (cond[:, n + r] + 0.5 * x_t[:, r] + 0.25 * x_t[:, 0]).unsqueeze(1) + self.anchor
+        out = cond[:, n + r] + 0.5 * x_t[:, r] + 0.25 * x_t[:, 0] + 0.125 * cond[:, n - 1]
+        return out.unsqueeze(1) + self.anchor
 
 
 def shifted(vol: torch.Tensor, axis: int, offset: int, fill: float = -1.0) -> torch.Tensor:
@@ -49,8 +54,8 @@ def shifted(vol: torch.Tensor, axis: int, offset: int, fill: float = -1.0) -> to
 
 
 def expected_fake(x_t: torch.Tensor, cond: torch.Tensor, view: str, n: int) -> torch.Tensor:
-    axis = AXIS[view]
-    return cond[1] + 0.5 * x_t + 0.25 * shifted(x_t, axis, -(n // 2))
+    axis, r = AXIS[view], n // 2
+    return cond[1] + 0.5 * x_t + 0.25 * shifted(x_t, axis, -r) + 0.125 * shifted(cond[0], axis, r)
 
 
 @pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
@@ -172,12 +177,15 @@ def test_output_is_a_regular_tensor_and_cache_options_agree():
     gen = torch.Generator().manual_seed(1)
     cond = torch.rand((2, *SHAPE), generator=gen)
     x_t = torch.randn((2, *SHAPE), generator=gen)
-    cached = VolumeDenoiser(FakeNet(), make_schedule(), "x0", cond, batch_size=6)
+    cached = VolumeDenoiser(FakeNet(), make_schedule(), "x0", cond, batch_size=6, cache_cond=True)
     direct = VolumeDenoiser(
         FakeNet(), make_schedule(), "x0", cond.numpy(), batch_size=6, cache_cond=False
     )
-    a, b = cached(x_t, 10, "axial"), direct(x_t, 10, "axial")
-    assert torch.equal(a, b)
+    for view in ("axial", "sagittal", "axial"):  # the second axial call reads the cache
+        a, b = cached(x_t, 10, view), direct(x_t, 10, view)
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, expected_fake(x_t, cond, view, 5), rtol=0, atol=1e-6)
+    assert set(cached._cache) == {"axial", "sagittal"}
     a.clamp_(-1, 1)  # the sampler may modify the result in place
     assert not a.is_inference()
 
