@@ -14,7 +14,8 @@ stamp="$venv/.yoda-installed"
 want="$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! python -c "import yoda, torch" 2>/dev/null; then
     python -m pip install --quiet --upgrade pip
-    python -m pip install --quiet "torch==2.13.0"
+    # YODA_TORCH_INDEX: an index to take torch from (e.g. PyTorch's CPU wheels)
+    python -m pip install --quiet ${YODA_TORCH_INDEX:+--index-url "$YODA_TORCH_INDEX"} "torch==2.13.0"
     python -m pip install --quiet -e "$root[dev]"
     echo "$want" > "$stamp"
 fi

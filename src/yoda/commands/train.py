@@ -63,7 +63,7 @@ FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
         "optim.high_t_share",
         {"type": float, "help": "share of t = T-1 samples (departure)"},
     ),
-    (("--normalization",), "data.normalization", {"help": "percentile (default), tissue, ct"}),
+    (("--normalization",), "data.normalization", {"help": "tissue (default), percentile, ct"}),
     (
         ("--mask-weighting",),
         "data.mask_weighting",
