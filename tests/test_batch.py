@@ -20,7 +20,7 @@ from yoda.batch import CohortResult, output_path, subject_lock, translate_cohort
 from yoda.cli import main
 from yoda.data import io
 from yoda.data.manifest import Manifest, Subject, read_manifest
-from yoda.errors import InputError
+from yoda.errors import ConfigError, InputError
 from yoda.translate import Translation, Translator, subject_seed
 
 
@@ -44,14 +44,14 @@ class StubTranslator:
     """Stands for a Translator: records calls and returns a small constant image."""
 
     def __init__(self, device: str = "cpu") -> None:
-        self.card = SimpleNamespace(target="flair")
+        self.card = SimpleNamespace(target="flair", normalization={"method": "tissue"})
         self.sources = ["t1w", "t2w"]
         self.device = SimpleNamespace(type=device)  # cuda: the cohort overlaps its stages
         self.calls: list[dict] = []
         _, self.geometry = io.load_image((np.zeros((4, 4, 4), np.float32), np.eye(4)))
 
     def check_options(self, **options):
-        pass
+        return {"mode": options.get("mode", "regression")}
 
     def prepare(self, sources, **options):
         return dict(sources=sources, **options)
@@ -59,7 +59,8 @@ class StubTranslator:
     def translate(self, prepared, **options):
         self.calls.append(dict(prepared, **options))
         image = np.full((4, 4, 4), float(options["seed"] % 200), np.float32)
-        return Translation(image=image, geometry=self.geometry, info={"seed": options["seed"]})
+        info = {"seed": options["seed"], **self.check_options(**options)}
+        return Translation(image=image, geometry=self.geometry, info=info)
 
 
 def stub_manifest(root: Path, ids: list[str]) -> Manifest:
@@ -130,6 +131,17 @@ def test_broken_subject_is_reported_the_rest_translated_and_reruns_skip(
     )
     assert nib.load(out / "broken_flair.nii.gz").shape == nib.load(folder / "t1w.nii.gz").shape
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in stamps} == stamps
+
+    # another mode into the same folder: refused, the finished outputs kept
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main([*args, "--mode", "diffusion", "--steps", "2"]) == 1
+    printed = capsys.readouterr()
+    assert "translated 0, skipped 0 already done, 0 busy in another run, 3 failed" in printed.out
+    assert (
+        "failed alpha: alpha_flair.nii.gz exists, made with mode 'regression' (this run: "
+        "'diffusion'), timesteps 1 (this run: 2); --force replaces it"
+    ) in [line.strip() for line in printed.err.splitlines()]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
 
 def test_batch_needs_out_dir_and_no_source_flags(tiny_model, phantom_cohort, tmp_path, capsys):
@@ -232,6 +244,49 @@ def test_force_translates_finished_subjects_again(tmp_path, device):
 
     first, again, forced = run(), run(), run(force=True)
     assert first.done == ["a", "b"] and again.skipped == ["a", "b"] and forced.done == ["a", "b"]
+
+
+def test_outputs_of_other_settings_are_not_taken_for_finished(tmp_path):
+    manifest = stub_manifest(tmp_path, ["a", "b", "c"])
+    out = tmp_path / "o"
+
+    def run(seed: int = 0, **kw):
+        return translate_cohort(StubTranslator(), manifest, split="test", out_dir=out, seed=seed,
+                                options=kw.pop("options", {}), progress=False, **kw)  # fmt: skip
+
+    assert run().done == ["a", "b", "c"]
+    (out / "b_flair.json").write_text("{not json")  # unreadable: translated again
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run()
+    assert again.skipped == ["a", "c"] and again.done == ["b"] and not again.failed
+
+    other = run(options={"mode": "diffusion"})  # another mode: refused, outputs kept
+    assert other.done == [] and other.skipped == [] and sorted(other.failed) == ["a", "b", "c"]
+    assert other.failed["a"] == (
+        "a_flair.nii.gz exists, made with mode 'regression' (this run: 'diffusion'); "
+        "--force replaces it"
+    )
+    assert (out / "a_flair.nii.gz").stat().st_mtime_ns == stamps["a_flair.nii.gz"]
+    reseeded = run(seed=1)
+    assert sorted(reseeded.failed) == ["a", "b", "c"] and "seed " in reseeded.failed["a"]
+
+    replaced = run(options={"mode": "diffusion"}, replace_other=True)
+    assert replaced.done == ["a", "b", "c"]
+    assert json.loads((out / "a_flair.json").read_text())["mode"] == "diffusion"
+    assert run(options={"mode": "diffusion"}).skipped == ["a", "b", "c"]
+
+
+def test_uint8_outputs_of_a_ct_model_are_refused_before_any_work(tmp_path):
+    translator = StubTranslator()
+    translator.card.normalization = {"method": "ct"}
+    with pytest.raises(ConfigError, match="Hounsfield"):
+        translate_cohort(translator, stub_manifest(tmp_path, ["a"]), split="test",
+                         out_dir=tmp_path / "o", options={}, dtype="uint8",
+                         progress=False)  # fmt: skip
+    assert translator.calls == [] and not list((tmp_path / "o").iterdir())
+    res = translate_cohort(translator, stub_manifest(tmp_path, ["a"]), split="test",
+                           out_dir=tmp_path / "o", options={}, progress=False)  # fmt: skip
+    assert res.done == ["a"]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -19,6 +19,7 @@ from yoda.demo import (
     methods_for,
     run_demo,
 )
+from yoda.errors import ConfigError
 from yoda.evaluate.metrics import lesion_cnr
 from yoda.model.checkpoint import load_model
 
@@ -124,10 +125,31 @@ def test_lesions_stand_out_in_the_regression_output(demo):
     assert lesion_cnr(image, lesions, wm, voxel_size=3.0) > 1.0
 
 
-def test_demo_cli_rejects_bad_options(capsys):
-    assert main(["demo", "--subjects", "0", "--out", "unused"]) == 1
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [(["--subjects", "0"], "--subjects must be >= 1"), (["--steps", "1"], "--steps must be >= 2"),
+     (["--steps", "3", "--full"], "give --full or --steps"),
+     (["--train", "--train-steps", "0"], "--train-steps must be >= 1")],
+)  # fmt: skip
+def test_demo_cli_rejects_bad_options(flags, words, tmp_path, capsys):
+    assert main(["demo", *flags, "--out", str(tmp_path / "unused")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--subjects" in err[0]
+    assert len(err) == 1 and words in err[0]
+    assert not (tmp_path / "unused").exists()
+
+
+def test_demo_rerun_replaces_its_outputs_and_refuses_another_phantom(tmp_path):
+    """A rerun with other sampling options translates again; one that asks for other
+    subjects than its folder's phantom is refused."""
+    kw = dict(subjects=1, voxel_size=8.0, expa_sizes=(), progress=False, log=lambda _: None)
+    run_demo(tmp_path, steps=2, **kw)
+    again = run_demo(tmp_path, steps=3, **kw)
+    sidecars = sorted((again.out_dir / "predictions" / "diffusion").glob("*.json"))
+    assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [3]
+    with pytest.raises(ConfigError, match="holds 1 test subject.*asks for 2"):
+        run_demo(tmp_path, **{**kw, "subjects": 2})
+    with pytest.raises(ConfigError, match=r"at 8 mm \(seed 2024.*\(seed 5"):
+        run_demo(tmp_path, **{**kw, "seed": 5})
 
 
 def test_demo_trains_from_scratch_and_runs_the_full_sampler(tmp_path):

@@ -134,6 +134,14 @@ def test_bad_input_gives_one_clear_line(case, tiny_model, subject, bad, tmp_path
     assert list(out_dir.iterdir()) == []
 
 
+def test_bad_input_is_one_line_with_the_progress_bar_on(tiny_model, subject, bad, tmp_path, capsys):
+    """The inputs are read and checked before the progress bar shows."""
+    args = translate_args(tiny_model, tmp_path / "flair.nii.gz", t1w=bad["nan"], t2w=subject["t2w"])
+    args.remove("--no-progress")
+    assert main(args) == 1
+    assert "NaN or Inf" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize(
     ("t1w", "t2w", "words"),
     [("nan", "truncated", "NaN or Inf"), ("truncated", "constant", "damaged or truncated"),

@@ -18,7 +18,7 @@ from yoda import __version__
 from yoda.cli import main
 from yoda.data import io
 from yoda.diffusion import sampling
-from yoda.errors import ConfigError, ModelError
+from yoda.errors import ConfigError, InputError, ModelError
 from yoda.model.checkpoint import read_card
 from yoda.translate import Translator, domain_warnings
 from yoda.volume.views import VIEWS
@@ -227,7 +227,7 @@ def test_sidecar_samples_and_std(tiny_model, sources, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     info = json.loads((tmp_path / "flair.json").read_text())
-    assert info["model"] == str(tiny_model) and info["mode"] == "expa"
+    assert info["model"] == str(Path(tiny_model).resolve()) and info["mode"] == "expa"
     assert info["nfe"] == 4 and info["seed"] == 7 and info["n_ex"] == 2
     assert info["yoda_version"] == __version__
     assert 0 < info["sampling_seconds"] <= info["seconds"]
@@ -377,6 +377,47 @@ def test_cli_existing_output_needs_force(tiny_model, sources, tmp_path, capsys):
     assert _cli(tiny_model, sources, out, "--views", "axial", "--force") == 0
     assert nib.load(out).shape == nib.load(sources["t1w"]).shape
 
+    # a sidecar of that name is an output too
+    lone = tmp_path / "lone.nii.gz"
+    (tmp_path / "lone.json").write_text("{}")
+    assert _cli(tiny_model, sources, lone, "--views", "axial") == 1
+    assert "lone.json exists; pass --force" in _one_line_error(capsys)
+    assert not lone.exists()
+
+
+def test_saving_over_an_output_needs_overwrite(translator, sources, tmp_path):
+    res = translator.translate(sources, views="axial")
+    (tmp_path / "flair.json").write_text("{}")
+    with pytest.raises(InputError, match=r"flair.json exists \(overwrite=True replaces it\)"):
+        res.save(tmp_path / "flair.nii.gz")
+    assert res.save(tmp_path / "flair.nii.gz", overwrite=True).exists()
+    assert json.loads((tmp_path / "flair.json").read_text())["mode"] == "regression"
+    for name in ("flair.png", "flair.NII.GZ", ".nii"):
+        with pytest.raises(InputError, match="must end in .nii.gz, .nii, .mgz, .mgh"):
+            res.save(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flair.json", "flair.nii.gz"]
+
+
+def test_ct_models_refuse_uint8_outputs(tiny_model, sources, tmp_path, capsys):
+    """0..255 cannot hold Hounsfield units: refused before any work, and by ``save``."""
+    ct = tmp_path / "ct-model"
+    shutil.copytree(tiny_model, ct)
+    card = json.loads((ct / "model.json").read_text())
+    card["normalization"] = {"method": "ct"}
+    (ct / "model.json").write_text(json.dumps(card))
+    out = tmp_path / "out" / "ct.nii.gz"
+    out.parent.mkdir()
+    assert _cli(ct, sources, out, "--views", "axial", "--dtype", "uint8") == 1
+    assert "not the Hounsfield units of a CT model" in _one_line_error(capsys)
+    assert list(out.parent.iterdir()) == []
+    res = Translator.load(ct, device="cpu").translate(sources, views="axial")
+    assert res.image.min() < -900  # air in HU
+    with pytest.raises(ConfigError, match="Hounsfield"):
+        res.save(out, dtype="uint8")
+    assert list(out.parent.iterdir()) == []
+    res.save(out)
+    assert nib.load(out).get_data_dtype() == np.float32
+
 
 def test_the_network_sees_the_training_canvas(tiny_model, sources, tmp_path):
     """Slices are centred on the training slabs' in-plane size, as in training."""
@@ -403,6 +444,11 @@ def test_the_network_sees_the_training_canvas(tiny_model, sources, tmp_path):
     (bad / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="voxel_sizes"):
         Translator.load(bad, device="cpu")
+    card["training"]["voxel_sizes"] = [[3.0, 3.0, 3.0]]
+    card["training"]["views"] = ["axial", "oblique"]
+    (bad / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="training.views"):
+        Translator.load(bad, device="cpu")
 
 
 def test_domain_warnings_name_voxel_sizes_and_slices_unlike_training():
@@ -418,6 +464,13 @@ def test_domain_warnings_name_voxel_sizes_and_slices_unlike_training():
     assert coronal.startswith("coronal slices") and "(90 x 50 voxels)" in coronal
     assert domain_warnings((1.0, 1.0, 1.0), (90, 70, 50), ["sagittal"], **trained) == []
     assert domain_warnings((0.5, 0.5, 9.0), (300, 300, 300)) == []  # the card says nothing
+    # views the model was not trained on
+    (views,) = domain_warnings((1.0, 1.0, 1.0), (9, 9, 9), trained_views=("axial",))
+    assert views == (
+        "the model was trained on axial slices only, not on coronal, sagittal slices; the "
+        "output may be unreliable (choose --views axial)"
+    )
+    assert domain_warnings((1.0, 1.0, 1.0), (9, 9, 9), ["axial"], trained_views=("axial",)) == []
 
 
 def test_translation_unlike_the_training_data_is_flagged(tiny_model, sources, tmp_path, capsys):

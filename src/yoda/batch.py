@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import tempfile
@@ -102,6 +103,22 @@ def _stale(lock: Path) -> bool:
     return False
 
 
+def _differences(sidecar: Path, wanted: dict[str, Any]) -> str | None:
+    """How the settings a sidecar records differ from ``wanted`` ("" where they agree on every
+    key both have); None if the sidecar is missing or unreadable."""
+    try:
+        recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    return ", ".join(
+        f"{key} {recorded[key]!r} (this run: {value!r})"
+        for key, value in wanted.items()
+        if key in recorded and recorded[key] != value
+    )
+
+
 @dataclass
 class _Job:
     """One claimed subject: its output path, its lock and its preparation (a future)."""
@@ -125,10 +142,15 @@ def translate_cohort(
     extras: bool = False,
     progress: bool = True,
     overlap: bool | None = None,
+    replace_other: bool = False,
 ) -> CohortResult:
     """Translate the subjects of ``manifest`` (one split, or all) into ``out_dir``.
 
-    Subjects whose output and sidecar exist are skipped unless ``force``. Under torchrun each
+    Subjects whose output and sidecar exist are skipped unless ``force``, when the sidecar
+    records this run's settings (model, target, mode, views, N_Ex, timesteps, slice correction
+    and the subject's seed). An output made with other settings fails the subject with the
+    differences as its reason, or is translated again with ``replace_other``; an output whose
+    sidecar cannot be read is translated again. Under torchrun each
     rank takes every world-size-th subject. A subject that fails is recorded with its reason
     and the others go on. Each subject is locked from its preparation until its output is
     written, so that runs sharing ``out_dir`` never write the same file at once.
@@ -144,7 +166,8 @@ def translate_cohort(
     """
     from tqdm import tqdm
 
-    from yoda.translate import subject_seed
+    from yoda.data.io import sidecar_path
+    from yoda.translate import check_output_dtype, subject_seed
 
     out_dir = Path(out_dir)
     try:
@@ -163,7 +186,9 @@ def translate_cohort(
         overlap = getattr(getattr(translator, "device", None), "type", "cpu") == "cuda"
     options = dict(options)
     resample = bool(options.pop("resample", False))
-    translator.check_options(**options)  # one error now rather than one per subject
+    # one error now rather than one per subject
+    settings = translator.check_options(**options)
+    check_output_dtype(dtype, translator.card.normalization["method"])
     bar = tqdm(total=len(mine), desc="translate", unit="subject", disable=not progress or rank != 0)
 
     def prepare(subject: Any) -> Any:
@@ -181,13 +206,24 @@ def translate_cohort(
         except InputError as exc:
             result.failed[subject.id] = str(exc)
             return None
-        sidecar = path.with_name(path.name[: -len(".nii.gz")] + ".json")
+        wanted = dict(settings, seed=subject_seed(seed, subject.id))
 
         def finished() -> bool:
-            return not force and path.exists() and sidecar.exists()
+            """Whether the subject is done (skipped, or failed for other settings)."""
+            if force or not path.exists():
+                return False
+            differences = _differences(sidecar_path(path), wanted)
+            if differences is None or (differences and replace_other):
+                return False
+            if differences:
+                result.failed[subject.id] = (
+                    f"{path.name} exists, made with {differences}; --force replaces it"
+                )
+            else:
+                result.skipped.append(subject.id)
+            return True
 
         if finished():
-            result.skipped.append(subject.id)
             return None
         # the lock is released at the end if the run stops early
         lock = locks.enter_context(contextlib.ExitStack())
@@ -197,7 +233,6 @@ def translate_cohort(
             return None
         if finished():  # finished while we looked
             lock.close()
-            result.skipped.append(subject.id)
             return None
         return _Job(subject, path, lock, reader.submit(prepare, subject))
 

@@ -6,6 +6,7 @@ beats diffusion sampling at a fraction of the cost (the paper's main finding).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from yoda.errors import ConfigError, ModelError
+from yoda.errors import ConfigError, InputError, ModelError
 
 #: The bundled model's folder inside the package (T1w + T2w -> FLAIR, phantom at 3 mm).
 BUNDLED_MODEL = "phantom-flair"
@@ -113,17 +114,22 @@ def run_demo(
         raise ConfigError(f"--subjects must be >= 1; got {subjects}")
     if steps is not None and steps < 2:
         raise ConfigError(f"--steps must be >= 2; got {steps}")
+    if steps is not None and full:
+        raise ConfigError("--full runs the paper's 251 timesteps; give --full or --steps")
+    if train and train_steps < 1:
+        raise ConfigError(f"--train-steps must be >= 1; got {train_steps}")
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_train = 4 if train else 0
+    counts = (n_train, 1 if train else 0, subjects)
     phantom_dir = out / "phantom"
     manifest_path = phantom_dir / "manifest.csv"
     if manifest_path.exists():
+        _check_phantom(phantom_dir, voxel_size, seed, counts)
         log(f"[1/4] reusing the phantom in {phantom_dir}")
     else:
         log(f"[1/4] simulating {subjects} phantom test subjects at {voxel_size:g} mm")
-        counts = (n_train, 1 if train else 0, subjects)
         make_phantom(
             phantom_dir,
             sum(counts),
@@ -155,6 +161,7 @@ def run_demo(
             options=options,
             seed=seed,
             progress=progress,
+            replace_other=True,  # a rerun with other options replaces the demo's own outputs
         )
         if res.failed:
             raise ModelError(f"{name}: translation failed: {res.failed}")
@@ -179,6 +186,29 @@ def run_demo(
         summary=ev.summary,
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_phantom(
+    folder: Path, voxel_size: float, seed: int, counts: tuple[int, int, int]
+) -> None:
+    """Refuse to reuse a demo's phantom made with other subjects, voxel size or seed."""
+    try:
+        made = json.loads((folder / "phantom.json").read_text(encoding="utf-8"))
+        found = (
+            float(made["voxel_size"]),
+            int(made["seed"]),
+            tuple(int(made["counts"][s]) for s in ("train", "val", "test")),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(
+            f"{folder} is not a phantom of the demo ({err}); choose another --out"
+        ) from None
+    if found != (float(voxel_size), int(seed), tuple(counts)):
+        raise ConfigError(
+            f"{folder} holds {found[2][2]} test subject(s) at {found[0]:g} mm (seed {found[1]}, "
+            f"{found[2][0]} for training); this demo asks for {counts[2]} at {voxel_size:g} mm "
+            f"(seed {seed}, {counts[0]} for training): choose another --out or remove the folder"
+        )
 
 
 def _train_from_scratch(

@@ -52,17 +52,25 @@ def domain_warnings(
     *,
     trained_voxel_sizes: Sequence[Sequence[float]] = (),
     canvas: Sequence[int] | None = None,
+    trained_views: Sequence[str] = (),
 ) -> list[str]:
     """How an input lies outside what the model saw in training (empty list: nothing).
 
-    Two things are checked: the voxel size (canonical axes, mm) against every training voxel
+    Three things are checked: the voxel size (canonical axes, mm) against every training voxel
     size (a model card's ``training.voxel_sizes``), within :data:`VOXEL_SIZE_TOLERANCE` on
-    each axis; and, in each view, the in-plane size of the slices of the ROI (shape in
-    canonical axes) against the training slabs' (``canvas``, the card's
-    ``training.slab_size``), beyond which the network sees slices larger than any it was
-    trained on. Unknown training figures are not checked.
+    each axis; in each view, the in-plane size of the slices of the ROI (shape in canonical
+    axes) against the training slabs' (``canvas``, the card's ``training.slab_size``), beyond
+    which the network sees slices larger than any it was trained on; and the views sampled
+    against those of training (``training.views``). Unknown training figures are not checked.
     """
     notes = []
+    untrained = [v for v in views if trained_views and v not in trained_views]
+    if untrained:
+        notes.append(
+            f"the model was trained on {', '.join(trained_views)} slices only, not on "
+            f"{', '.join(untrained)} slices; the output may be unreliable (choose --views "
+            f"{trained_views[0]})"
+        )
     trained = trained_voxel_sizes
     if trained and not any(
         all(abs(a - b) <= VOXEL_SIZE_TOLERANCE * b for a, b in zip(voxel_size, t, strict=True))
@@ -127,14 +135,17 @@ class Translation:
         ``<name>_sample-<k>`` and ``<name>_std`` (when they were kept).
         """
         path = Path(path)
-        stem, suffix = _split_suffix(path)
+        stem, suffix = io.split_image_suffix(path)
+        if not suffix:
+            raise InputError(f"output {path} must end in {', '.join(io.IMAGE_SUFFIXES)}")
+        check_output_dtype(dtype, self.info.get("normalization"))
         targets = [path]
         if sidecar:
-            targets.append(path.with_name(stem + ".json"))
+            targets.append(io.sidecar_path(path))
         if not overwrite:
             existing = [p for p in targets if p.exists()]
             if existing:
-                raise InputError(f"{existing[0]} exists; pass --force to overwrite it")
+                raise InputError(f"{existing[0]} exists (overwrite=True replaces it)")
         if extras:
             if self.samples is not None:
                 for k, sample in enumerate(self.samples):
@@ -153,12 +164,13 @@ class Translation:
         return path
 
 
-def _split_suffix(path: Path) -> tuple[str, str]:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".mgz", ".mgh"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)], suffix
-    raise InputError(f"output {path} must end in .nii.gz, .nii or .mgz")
+def check_output_dtype(dtype: str, normalization: str | None) -> None:
+    """Refuse ``uint8`` outputs of a model whose output is in Hounsfield units (``ct``
+    normalization): 0..255 cannot hold them."""
+    if dtype == "uint8" and normalization == "ct":
+        raise ConfigError(
+            "uint8 outputs hold 0..255, not the Hounsfield units of a CT model; write float32"
+        )
 
 
 def prepare_sources(
@@ -256,6 +268,7 @@ class Translator:
         # what the card says of the training data (each checked here, at load)
         self.canvas = card.slab_size
         self.voxel_sizes = card.voxel_sizes
+        self.trained_views = card.views
 
     @classmethod
     def load(
@@ -283,7 +296,7 @@ class Translator:
             device=dev,
             precision=precision,
             batch_size=batch_size,
-            model_dir=str(model_dir),
+            model_dir=str(Path(model_dir).resolve()),
             channels_last=channels_last,
             flash_attention=flash_attention,
             compile=compile,
@@ -321,10 +334,15 @@ class Translator:
         steps: str | int | None = None,
         slice_correction: str = "none",
         **_other: Any,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
-        (arguments as there; its other options are not checked), before any subject is read."""
-        self._check_options(mode, views, n_ex, slice_correction, steps)
+        (arguments as there; its other options are not checked), before any subject is read.
+
+        Returns the sidecar fields these options fix (:data:`SETTINGS`): a finished output
+        whose sidecar agrees on them (and on the seed) is what :meth:`translate` would make.
+        """
+        view_names, _ = self._check_options(mode, views, n_ex, slice_correction, steps)
+        return self._settings(mode, view_names, n_ex, steps, slice_correction)
 
     def translate(
         self,
@@ -404,6 +422,7 @@ class Translator:
             view_names,
             trained_voxel_sizes=self.voxel_sizes,
             canvas=self.canvas,
+            trained_views=self.trained_views,
         )
 
         def callback(k: int, _t: int, _x0: torch.Tensor) -> None:
@@ -452,13 +471,8 @@ class Translator:
             samples = np.stack([self._to_output(s, prep, "none") for s in res.samples])
             std = samples.std(axis=0).astype(np.float32)
         info = {
-            "model": self.model_dir,
             "sources": self.card.sources,
-            "target": self.card.target,
-            "mode": mode,
-            "views": list(view_names),
-            "n_ex": n_ex if mode == "expa" else None,
-            "timesteps": len(res.timesteps),
+            **self._settings(mode, view_names, n_ex, steps, slice_correction),
             "T": self.schedule.T,
             "normalization": self.card.normalization["method"],
             "nfe": int(res.nfe),
@@ -475,6 +489,24 @@ class Translator:
         return Translation(image=out, geometry=prep.geometry, info=info, samples=samples, std=std)
 
     # ------------------------------------------------------------------ helpers
+
+    def _settings(
+        self, mode: str, view_names: Sequence[str], n_ex: int, steps: Any, correction: str
+    ) -> dict[str, Any]:
+        """The sidecar's :data:`SETTINGS` of checked sampling options."""
+        if mode == "regression":
+            timesteps = 1
+        else:
+            timesteps = len(sampling.timesteps_for(self.schedule, steps))
+        return {
+            "model": self.model_dir,
+            "target": self.card.target,
+            "mode": mode,
+            "views": list(view_names),
+            "n_ex": n_ex if mode == "expa" else None,
+            "timesteps": timesteps,
+            "slice_correction": correction,
+        }
 
     def _check_options(
         self, mode: str, views: str | Sequence[str], n_ex: int, correction: str, steps: Any

@@ -30,10 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         default=None,
-        help=f"timesteps of the preview (default {PREVIEW_STEPS})",
+        help=f"timesteps of the preview, at least 2 (default {PREVIEW_STEPS}; not with --full)",
     )
     p.add_argument("--train", action="store_true", help="train a tiny model from scratch instead")
-    p.add_argument("--train-steps", type=int, default=600)
+    p.add_argument(
+        "--train-steps", type=int, default=600, help="training steps of --train (default 600)"
+    )
     p.add_argument("--model", default=None, help="use this model directory instead")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(

@@ -11,7 +11,6 @@ from yoda.errors import ConfigError, InputError
 
 MODES = ("regression", "diffusion", "expa")
 CORRECTIONS = ("none", "gamma", "linear", "simple")
-OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 
 
 def _steps(text: str) -> str | int:
@@ -121,12 +120,15 @@ def _source_flags(extra: list[str]) -> dict[str, str]:
 
 def _check_output(out: Path, *, force: bool) -> None:
     """Refuse an output that cannot be written before any work is done."""
-    if not out.name.endswith(OUTPUT_SUFFIXES) or out.name in OUTPUT_SUFFIXES:
-        raise InputError(f"output {out} must end in {', '.join(OUTPUT_SUFFIXES)}")
+    from yoda.data.io import IMAGE_SUFFIXES, sidecar_path, split_image_suffix
+
+    if not split_image_suffix(out)[1]:
+        raise InputError(f"output {out} must end in {', '.join(IMAGE_SUFFIXES)}")
     if out.is_dir():
         raise InputError(f"output {out} is a directory, expected a file name")
-    if out.exists() and not force:
-        raise InputError(f"{out} exists; pass --force to overwrite it")
+    for path in (out, sidecar_path(out)):
+        if path.exists() and not force:
+            raise InputError(f"{path} exists; pass --force to overwrite it")
     folder = out.parent
     if not folder.exists():
         raise InputError(f"output folder {folder} does not exist")
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("give --out (one subject) or --data with --out-dir (batch mode)")
         _check_output(Path(args.out), force=args.force)
 
-    from yoda.translate import Translator
+    from yoda.translate import Translator, check_output_dtype
 
     translator = Translator.load(
         args.model,
@@ -162,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
     )
+    check_output_dtype(args.dtype, translator.card.normalization["method"])
     options = dict(
         mode=args.mode,
         n_ex=args.n_ex,
@@ -178,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
 def _run_one(args, translator, options, sources) -> int:
     from tqdm import tqdm
 
+    options = dict(options)
+    resample = options.pop("resample")
+    translator.check_options(**options)
+    # read and checked before the progress bar shows, so that bad input gives one line
+    prepared = translator.prepare(sources, mask=args.mask, resample=resample)
     bar = tqdm(total=1, desc=f"translate ({args.mode})", unit="NFE", disable=args.no_progress)
 
     def progress(k: int, n: int) -> None:
@@ -187,8 +195,7 @@ def _run_one(args, translator, options, sources) -> int:
 
     try:
         res = translator.translate(
-            sources,
-            mask=args.mask,
+            prepared,
             seed=args.seed,
             keep_samples=args.save_samples,
             progress=progress,

@@ -54,12 +54,16 @@ __all__ = [
     "read_voxel_size",
     "resample_like",
     "save_image",
+    "sidecar_path",
+    "split_image_suffix",
 ]
 
 OUTPUT_DTYPES = ("float32", "uint8")
 """Data types :func:`save_image` can write."""
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+"""File name endings of the formats :func:`save_image` writes (lower case, as nibabel's)."""
+
 _MGH_SUFFIXES = (".mgz", ".mgh")
 _DEFLATE_MAX_RATIO = 1032
 #: gzip level of .nii.gz and .mgz outputs: ISA-L's 1 (2 % larger files than zlib's 1, which
@@ -438,10 +442,10 @@ def save_image(
         raise ConfigError(f"output dtype {dtype!r} is not one of {OUTPUT_DTYPES}")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected an output file name")
-    suffix = _image_suffix(path)
-    if suffix is None:
+    suffix = split_image_suffix(path)[1]
+    if not suffix:
         raise InputError(
-            f"{path}: unsupported output format; use one of {_NIFTI_SUFFIXES + _MGH_SUFFIXES}"
+            f"{path}: unsupported output format; use one of {', '.join(IMAGE_SUFFIXES)}"
         )
     if path.exists() and not overwrite:
         raise InputError(f"{path}: file exists (pass overwrite=True to replace it)")
@@ -497,12 +501,21 @@ def _write(img: SpatialImage, path: Path, suffix: str) -> None:
         nib.save(img, str(path))
 
 
-def _image_suffix(path: Path) -> str | None:
-    lower = path.name.lower()
-    for suffix in (".nii.gz", ".nii", ".mgz", ".mgh"):
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return path.name[-len(suffix) :]
-    return None
+def split_image_suffix(path: str | os.PathLike) -> tuple[str, str]:
+    """``(stem, suffix)`` of an image file name ending in one of :data:`IMAGE_SUFFIXES` after
+    a non-empty stem; ``(name, "")`` for any other name."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], name[-len(suffix) :]
+    return name, ""
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar beside an image: ``sub-1_flair.nii.gz`` -> ``sub-1_flair.json``."""
+    path = Path(path)
+    stem, suffix = split_image_suffix(path)
+    return path.with_name(stem + ".json") if suffix else path.with_suffix(".json")
 
 
 def _build_image(data: np.ndarray, geometry: Geometry, suffix: str) -> SpatialImage:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from yoda.data.io import Geometry, check_same_grid, load_image
+from yoda.data.io import Geometry, check_same_grid, load_image, sidecar_path
 from yoda.data.manifest import Manifest, Subject, read_manifest
 from yoda.data.normalize import NORMALIZATIONS, apply_intensity, fit_intensity, foreground_mask
 from yoda.errors import ConfigError, InputError
@@ -158,16 +158,8 @@ def _scan(
     return found
 
 
-def _sidecar_path(path: Path) -> Path:
-    name = path.name
-    for suffix in PRED_SUFFIXES:
-        if name.endswith(suffix):
-            return path.with_name(name[: -len(suffix)] + ".json")
-    return path.with_suffix(".json")
-
-
 def _read_sidecar(path: Path, notes: list[str]) -> dict[str, Any]:
-    side = _sidecar_path(path)
+    side = sidecar_path(path)
     if not side.is_file():
         return {}
     try:

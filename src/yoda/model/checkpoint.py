@@ -33,6 +33,7 @@ from yoda import __version__
 from yoda.atomic import atomic_path, write_text_atomic
 from yoda.errors import ConfigError, ModelError
 from yoda.model.network import Denoiser2p5D, NetworkConfig
+from yoda.volume.views import VIEWS
 
 __all__ = [
     "FORMAT_VERSION",
@@ -147,6 +148,14 @@ class ModelCard:
                 f"model card: training.voxel_sizes must be [[x, y, z], ...], got {sizes!r}"
             )
         return [(float(v[0]), float(v[1]), float(v[2])) for v in sizes]
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The slicing views of the training slabs; empty where the card does not say."""
+        views = self.training.get("views") or []
+        if not isinstance(views, list) or not all(v in VIEWS for v in views):
+            raise ModelError(f"model card: training.views must be a list of {VIEWS}, got {views!r}")
+        return tuple(views)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dictionary."""
