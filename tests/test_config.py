@@ -145,6 +145,7 @@ def test_override_type_checks_and_unknown_keys():
         ({"model.prediction": "score"}, "model.prediction"),
         ({"model.schedule": "sigmoid"}, "model.schedule"),
         ({"model.T": 0}, "model.T must be >= 1"),
+        ({"model.T": 100_001}, "model.T must be at most 100000"),
         ({"model.T": 1, "model.prediction": "eps"}, "T=1"),
         ({"data.views": ["axial", "axial"]}, "duplicates"),
         ({"data.views": ["oblique"]}, "data.views"),

@@ -419,6 +419,7 @@ def validate(config: TrainConfig, *, require_data: bool = True) -> TrainConfig:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
 
     from yoda.diffusion.schedule import PREDICTIONS, SCHEDULES
+    from yoda.model.checkpoint import MAX_T
     from yoda.model.network import PRESETS
 
     _choice("model.preset", m.preset, tuple(PRESETS))
@@ -427,6 +428,8 @@ def validate(config: TrainConfig, *, require_data: bool = True) -> TrainConfig:
     _choice("model.prediction", m.prediction, PREDICTIONS)
     _choice("model.schedule", m.schedule, SCHEDULES)
     _positive("model.T", m.T)
+    if m.T > MAX_T:  # the model card of such a run could not be read
+        raise ConfigError(f"model.T must be at most {MAX_T}, got {m.T}")
     if m.init is not None and require_data and not Path(m.init).expanduser().is_dir():
         raise ConfigError(f"model.init {m.init}: not a model directory")
     if m.T == 1 and m.prediction == "eps":

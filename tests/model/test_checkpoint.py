@@ -168,6 +168,8 @@ def test_foreign_or_mismatched_tensors_are_refused(model_dir):
         ({"format_version": 2}, "unknown format_version 2"),
         ({"format_version": "1"}, "format_version"),
         ({"T": "1000"}, "'T' has the wrong type"),
+        ({"T": 10**12}, r"T must be in 1\.\.100000, got T=1000000000000"),
+        ({"T": 0}, r"T must be in 1\.\.100000"),
         ({"sources": "t1w"}, "'sources' has the wrong type"),
         ({"steps": 1.5}, "'steps'"),
         ({"prediction": "score"}, "unknown prediction"),
@@ -368,3 +370,129 @@ def test_convert_command_line(tmp_path, capsys):
     )
     assert code == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def _tiny_reference(tmp_path: Path, seed: int = 3, name: str = "ref.pt") -> Path:
+    """A reference checkpoint of the tiny preset (one source, n = 1)."""
+    model = _randomize(Denoiser2p5D("tiny", n_slices=1, n_sources=1), seed)
+    ckpt = tmp_path / name
+    torch.save({"state_dict": _to_old_format(model.unet.state_dict())}, ckpt)
+    return ckpt
+
+
+def _convert(ckpt: Path, out: Path, *extra: str, sources=("t1w",), target="flair") -> int:
+    from yoda.cli import main
+
+    return main(
+        [
+            "convert",
+            "--checkpoint",
+            str(ckpt),
+            "--sources",
+            *sources,
+            "--target",
+            target,
+            "--preset",
+            "tiny",
+            "--n-slices",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("yoda convert: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("sources", "target", "message"),
+    [
+        (("t1w", "t1w"), "flair", "duplicates"),
+        (("T1 w", "t2w"), "flair", "lower-case words, got 't1 w'"),
+        (("t1w",), "t1w", "'t1w' is also a source"),
+        (("t1w",), "../x", "lower-case words, got '../x'"),
+    ],
+)
+def test_convert_refuses_unusable_modality_names(tmp_path, capsys, sources, target, message):
+    out = tmp_path / "model"
+    assert _convert(_tiny_reference(tmp_path), out, sources=sources, target=target) == 1
+    assert message in _error(capsys)
+    assert not out.exists()
+
+
+def test_convert_refuses_an_output_that_is_a_file(tmp_path, capsys):
+    ckpt = _tiny_reference(tmp_path)
+    out = tmp_path / "model.txt"
+    out.write_text("keep me")
+    assert _convert(ckpt, out) == 1
+    assert "exists and is not a folder" in _error(capsys)
+    assert _convert(ckpt, out, "--force") == 1
+    assert "exists and is not a folder" in _error(capsys)
+    assert _convert(ckpt, out / "sub") == 1
+    assert "is not a folder" in _error(capsys)
+    assert out.read_text() == "keep me"
+
+
+def test_convert_refuses_a_non_empty_output_folder_unless_forced(tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()  # an empty folder is fine
+    assert _convert(_tiny_reference(tmp_path, seed=3), out) == 0, capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "README").write_text("mine")
+    other = _tiny_reference(tmp_path, seed=4, name="other.pt")
+    assert _convert(other, out) == 1
+    assert "not empty; pass --force" in _error(capsys)
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    # refused before any work: a missing checkpoint is not even looked at
+    assert _convert(tmp_path / "none.pt", out) == 1
+    assert "not empty" in _error(capsys)
+    assert _convert(other, out, "--force") == 0, capsys.readouterr().err
+    assert (out / MODEL_FILE).read_bytes() != before[MODEL_FILE]
+    assert (out / "README").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MODEL_FILE, RAW_FILE, CARD_FILE, "README"]
+    )
+    assert read_card(out).training["checkpoint"] == str(other.resolve())
+
+
+def test_convert_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    calls = []
+
+    def failing_save_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    ckpt = _tiny_reference(tmp_path)
+    with pytest.raises(OSError, match="No space"):
+        convert_reference_checkpoint(
+            ckpt, tmp_path / "model", sources=["t1w"], target="flair", network="tiny", n_slices=1
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.pt"]
+
+
+def test_convert_checkpoint_that_is_a_folder(tmp_path, capsys):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    assert _convert(folder, tmp_path / "model") == 1
+    assert "is a folder, not a checkpoint file" in _error(capsys)
+
+
+def test_convert_bounds_T(tmp_path, capsys):
+    ckpt = _tiny_reference(tmp_path)
+    out = tmp_path / "model"
+    for bad in ("1000000000000", "0"):
+        assert _convert(ckpt, out, "--T", bad) == 1
+        assert "T must be an integer in 1..100000" in _error(capsys)
+    assert not out.exists()
+    assert _convert(ckpt, out, "--T", "100000") == 0, capsys.readouterr().err
+    assert read_card(out).T == 100000

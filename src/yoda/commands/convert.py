@@ -27,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, metavar="NAME", help="target modality (e.g. flair)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the model files of an existing non-empty --out folder (refused otherwise)",
+    )
+    p.add_argument(
         "--preset", default="small", help="network preset of the checkpoint (default: small)"
     )
     p.add_argument("--n-slices", type=int, default=5, help="slab thickness n (default: 5)")
@@ -39,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("linear", "cosine"),
         help="noise schedule (default: linear)",
     )
-    p.add_argument("--T", type=int, default=1000, help="diffusion timesteps (default: 1000)")
+    p.add_argument(
+        "--T", type=int, default=1000, help="diffusion timesteps, 1..100000 (default: 1000)"
+    )
     p.add_argument(
         "--normalization",
         default="percentile",
@@ -77,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         normalization={"method": args.normalization},
         key=args.key,
         notes=notes,
+        force=args.force,
     )
     card = read_card(out)
     print(

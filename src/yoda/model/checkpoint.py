@@ -22,6 +22,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from yoda.volume.views import VIEWS
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_T",
     "MODEL_FILE",
     "RAW_FILE",
     "CARD_FILE",
@@ -55,6 +58,10 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 RAW_FILE = "raw.safetensors"
 CARD_FILE = "model.json"
+#: Largest number of diffusion timesteps a model may declare (the paper uses 1000). Sampling
+#: builds schedule tables of T entries and may step through all of them, so a mistyped T
+#: (e.g. 10**12) would exhaust memory instead of failing clearly.
+MAX_T = 100_000
 
 
 @dataclass(kw_only=True)
@@ -201,10 +208,10 @@ class ModelCard:
             raise ModelError(f"{origin}: unknown prediction {card.prediction!r}")
         if card.schedule not in ("linear", "cosine"):
             raise ModelError(f"{origin}: unknown schedule {card.schedule!r}")
-        if card.n_slices < 1 or card.n_slices % 2 == 0 or card.T < 1 or card.steps < 0:
-            raise ModelError(
-                f"{origin}: invalid n_slices={card.n_slices}, T={card.T} or steps={card.steps}"
-            )
+        if card.n_slices < 1 or card.n_slices % 2 == 0 or card.steps < 0:
+            raise ModelError(f"{origin}: invalid n_slices={card.n_slices} or steps={card.steps}")
+        if not 1 <= card.T <= MAX_T:
+            raise ModelError(f"{origin}: T must be in 1..{MAX_T}, got T={card.T}")
         if not card.sources or "method" not in card.normalization:
             raise ModelError(f"{origin}: needs at least one source and a normalization method")
         _ = card.network_config  # validates the network description
@@ -463,8 +470,12 @@ def load_reference_state_dicts(
     import pickle
 
     path = Path(checkpoint)
-    if not path.is_file():
+    if path.is_dir():
+        raise ModelError(f"checkpoint {path} is a folder, not a checkpoint file")
+    if not path.exists():
         raise ModelError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} is not a regular file")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -600,6 +611,61 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_modalities(sources: list[str], target: str) -> None:
+    """Apply ``yoda train``'s rules to the modality names (shape, no duplicates, target apart)."""
+    from yoda.config import DataConfig, TrainConfig, validate
+
+    if not sources or not target:
+        raise ConfigError("the sources and the target of the checkpoint must be named")
+    validate(
+        TrainConfig(data=DataConfig(sources=tuple(sources), target=target)), require_data=False
+    )
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an output path that is not a folder, or a non-empty folder unless ``force``."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise ConfigError(f"output {out_dir} exists and is not a folder")
+        if not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
+            raise ConfigError(f"output folder {out_dir} is not writable")
+        if not force and any(out_dir.iterdir()):
+            raise ConfigError(
+                f"output folder {out_dir} is not empty; pass --force to replace its model files"
+            )
+        return
+    folder = out_dir.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot create {out_dir}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create {out_dir}: {folder} is not writable")
+
+
+def _save_staged(out_dir: Path, model: nn.Module, ema_model: nn.Module, card: ModelCard) -> Path:
+    """Write a model directory in a hidden folder, then move its files into ``out_dir``.
+
+    Nothing in ``out_dir`` changes before every file is written, so a failed write leaves no
+    partial model behind; each move replaces one file atomically, the card last. Other files
+    in ``out_dir`` are kept.
+    """
+    if out_dir.is_dir():
+        stage_in = out_dir
+    else:
+        stage_in = out_dir.parent
+        stage_in.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=stage_in))
+    try:
+        save_model(stage, model, ema_model, card)
+        out_dir.mkdir(exist_ok=True)
+        for name in (RAW_FILE, MODEL_FILE, CARD_FILE):
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir
+
+
 def convert_reference_checkpoint(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -614,6 +680,7 @@ def convert_reference_checkpoint(
     normalization: dict[str, Any] | None = None,
     key: str | None = None,
     notes: str = "",
+    force: bool = False,
 ) -> Path:
     """Import a checkpoint of the reference YODA implementation as a model directory.
 
@@ -624,17 +691,22 @@ def convert_reference_checkpoint(
     out_dir : path
         Model directory to write.
     sources, target : modality names
-        Sources in the order the reference model was trained with, and the target.
+        Sources in the order the reference model was trained with, and the target; checked
+        as ``yoda train`` checks them (lower-case words, distinct, the target not a source).
     network : NetworkConfig or preset name
         The architecture of the checkpoint ("small" for the paper's 53 M models).
     n_slices, prediction, schedule, T
-        The diffusion set-up of the checkpoint (paper: 5, "v", "linear", 1000).
+        The diffusion set-up of the checkpoint (paper: 5, "v", "linear", 1000); T is at most
+        ``MAX_T``.
     normalization : dict, optional
         Intensity normalization to record (default ``{"method": "percentile"}``).
     key : str, optional
         Entry of the checkpoint holding the weights (see :func:`load_reference_state_dicts`).
     notes : str
         Stored in the card.
+    force : bool
+        Replace the model files of an existing non-empty ``out_dir`` (refused otherwise, before
+        the checkpoint is read).
 
     Returns
     -------
@@ -647,11 +719,12 @@ def convert_reference_checkpoint(
         raise ConfigError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ConfigError(f"T must be a positive integer, got {T!r}")
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_T:
+        raise ConfigError(f"T must be an integer in 1..{MAX_T}, got {T!r}")
     sources = list(sources)
-    if not sources or not target:
-        raise ConfigError("the sources and the target of the checkpoint must be named")
+    _check_modalities(sources, target)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force)
     net_cfg = network if isinstance(network, NetworkConfig) else NetworkConfig.from_preset(network)
     model = Denoiser2p5D(net_cfg, n_slices=n_slices, n_sources=len(sources))
     ema_model = Denoiser2p5D(net_cfg, n_slices=n_slices, n_sources=len(sources))
@@ -678,4 +751,4 @@ def convert_reference_checkpoint(
         steps=int(info["step"] or 0),
         notes=notes,
     )
-    return save_model(out_dir, model, ema_model, card)
+    return _save_staged(out_dir, model, ema_model, card)
