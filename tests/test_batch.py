@@ -153,6 +153,31 @@ def test_batch_needs_out_dir_and_no_source_flags(tiny_model, phantom_cohort, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_a_manifest_without_splits_is_translated_whole(
+    tiny_model, phantom_cohort, tmp_path, capsys
+):
+    """Splits drawn at random mean nothing to a translation: every subject is translated,
+    with a note; a split the manifest lacks is an error (no output folder made)."""
+    folder = phantom_cohort.parent / "sub-004"
+    rows = [subject_row(sid, folder) for sid in ("a", "b", "c", "d")]
+    for row in rows:
+        row["split"] = ""
+    manifest = write_manifest(tmp_path / "nosplit.csv", rows)
+    out = tmp_path / "out"
+    args = ["translate", "--model", str(tiny_model), "--data", str(manifest), "--views", "axial"]
+    args += ["--out-dir", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "translated 4, skipped 0" in printed.out
+    assert "nosplit.csv gives no splits: translating every subject" in printed.err
+
+    typo = tmp_path / "typo"
+    assert main([*args[:-3], "--out-dir", str(typo), "--split", "tset", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no subjects in split 'tset' of the manifest (it has " in err[0]
+    assert not typo.exists()
+
+
 def test_overlapped_cohort_writes_what_the_sequential_one_writes(
     tiny_model, phantom_cohort, tmp_path
 ):

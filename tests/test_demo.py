@@ -129,13 +129,20 @@ def test_lesions_stand_out_in_the_regression_output(demo):
     ("flags", "words"),
     [(["--subjects", "0"], "--subjects must be >= 1"), (["--steps", "1"], "--steps must be >= 2"),
      (["--steps", "3", "--full"], "give --full or --steps"),
-     (["--train", "--train-steps", "0"], "--train-steps must be >= 1")],
+     (["--train", "--train-steps", "0"], "--train-steps must be >= 1"),
+     (["--seed", "-1"], "--seed must be an integer >= 0"),
+     (["--steps", "300"], "300 sampling steps exceed the 251 available"),
+     (["--steps", "300", "--train"], "300 sampling steps exceed the 251 available"),
+     (["--model", "{tmp}"], "model.json"), (["--out", "{tmp}/file"], "cannot create the demo")],
 )  # fmt: skip
 def test_demo_cli_rejects_bad_options(flags, words, tmp_path, capsys):
-    assert main(["demo", *flags, "--out", str(tmp_path / "unused")]) == 1
+    """Every option, the model included, is checked before anything is written."""
+    (tmp_path / "file").write_text("a file")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert main(["demo", "--out", str(tmp_path / "unused"), *flags, "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and words in err[0]
-    assert not (tmp_path / "unused").exists()
+    assert len(err) == 1 and words in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_demo_rerun_replaces_its_outputs_and_refuses_another_phantom(tmp_path):

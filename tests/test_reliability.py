@@ -64,6 +64,10 @@ def bad(subject, tmp_path_factory) -> dict[str, Path]:
     inf[5, 5, 5] = -np.inf
     save("inf", inf)
     save("constant", np.full_like(data, 37.0))
+    save("negative", -1.0 - data)
+    far = t1w.affine.copy()
+    far[:3, 3] += 1000.0  # the same image a metre away: no overlap with the subject's grid
+    save("far", data, far)
     save("empty_mask", np.zeros_like(data))
     save("small_mask", np.ones((20, 20, 20), np.float32))
     save("cropped", data[2:])
@@ -101,6 +105,7 @@ BAD_INPUTS = {
     "inf": ({"t1w": "inf"}, "1 voxel(s) are NaN or Inf"),
     "constant": ({"t1w": "constant"}, "the image is constant"),
     "constant-with-mask": ({"t1w": "constant", "mask": "=mask"}, "the image is constant"),
+    "negative": ({"t1w": "negative"}, "the median of the foreground is -"),
     "empty-mask": ({"mask": "empty_mask"}, "the mask is empty"),
     "mask-other-grid": ({"mask": "small_mask"}, "not on the same voxel grid"),
     "sources-other-grids": ({"t2w": "cropped"}, "not on the same voxel grid"),
@@ -140,6 +145,14 @@ def test_bad_input_is_one_line_with_the_progress_bar_on(tiny_model, subject, bad
     args.remove("--no-progress")
     assert main(args) == 1
     assert "NaN or Inf" in one_error_line(capsys)
+
+
+def test_resampling_an_image_that_does_not_overlap(tiny_model, subject, bad, tmp_path, capsys):
+    args = translate_args(tiny_model, tmp_path / "flair.nii.gz", t1w=subject["t1w"], t2w=bad["far"])
+    assert main([*args, "--resample"]) == 1
+    line = one_error_line(capsys)
+    assert "t2w (" in line and "far.nii.gz" in line and "do the images overlap?" in line, line
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -640,7 +653,7 @@ def test_training_killed_several_times_resumes_exactly(
     assert kills >= 2 and last < 20
 
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
-    capsys.readouterr()
+    assert f"resuming {out} from step " in capsys.readouterr().err  # also without a bar
     assert _losses(out) == _losses(reference)
     assert _end(out)["rank_weights_sha256"] == _end(reference)["rank_weights_sha256"]
     assert _end(out)["rank_ema_sha256"] == _end(reference)["rank_ema_sha256"]

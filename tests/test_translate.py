@@ -346,10 +346,18 @@ def _one_line_error(capsys) -> str:
         (["--t1w", "{t1w}", "--pd", "{t2w}"], "missing --t2w; unexpected --pd"),
         (["--t1w", "{t1w}"], "missing --t2w"),
         (["--t1w", "{t1w}", "--t2w"], "--t2w needs a file path"),
+        (["--t1w", "{t1w}", "--t2w="], "--t2w needs a file path"),
         (["--t1w", "{t1w}", "--t2w", "{t2w}", "stray"], "unexpected argument 'stray'"),
         (["--t1w", "{t1w}", "--t2w", "{shifted}"], "not on the same voxel grid"),
     ],
-    ids=["wrong-flag", "missing-flag", "flag-without-path", "stray-token", "other-grid"],
+    ids=[
+        "wrong-flag",
+        "missing-flag",
+        "flag-without-path",
+        "empty-path",
+        "stray-token",
+        "other-grid",
+    ],
 )
 def test_cli_source_errors(tiny_model, sources, tmp_path, capsys, flags, message):
     img = nib.load(sources["t2w"])
@@ -383,6 +391,59 @@ def test_cli_existing_output_needs_force(tiny_model, sources, tmp_path, capsys):
     assert _cli(tiny_model, sources, lone, "--views", "axial") == 1
     assert "lone.json exists; pass --force" in _one_line_error(capsys)
     assert not lone.exists()
+
+
+def test_cli_refuses_a_repeated_source_and_a_seed_out_of_range(
+    tiny_model, sources, tmp_path, capsys
+):
+    out = tmp_path / "flair.nii.gz"
+    assert _cli(tiny_model, sources, out, "--t1w", str(sources["t2w"])) == 1
+    assert "--t1w is given twice" in _one_line_error(capsys)
+    for seed in (-1, 2**64):
+        assert _cli(tiny_model, sources, out, "--seed", str(seed)) == 1
+        assert "seed must be an integer from 0 to 2**64 - 1" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+    assert _cli(tiny_model, sources, out, "--seed", str(2**64 - 1), "--views", "axial") == 0
+
+
+def test_running_out_of_memory_while_sampling_is_one_line(translator, sources, monkeypatch):
+    message = (
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 3200000000000 bytes"
+    )
+
+    def fails(*_args, **_kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(sampling, "expa", fails)
+    with pytest.raises(InputError, match=r"not enough memory to sample 9 ExpA trajectories of "):
+        translator.translate(sources, mode="expa", n_ex=9, steps=2)
+    monkeypatch.setattr(sampling, "regression", fails)
+    with pytest.raises(InputError, match="sample the volume of .* voxels; lower --batch-size"):
+        translator.translate(sources)
+    message = "an unrelated failure"
+    with pytest.raises(RuntimeError, match="an unrelated failure"):  # other errors stay
+        translator.translate(sources)
+
+
+def test_saved_samples_need_force_and_stale_ones_go(tiny_model, sources, tmp_path, capsys):
+    out = tmp_path / "e.nii.gz"
+    expa = ("--mode", "expa", "--steps", "2", "--views", "axial", "--save-samples")
+    (tmp_path / "e_sample-2.nii.gz").write_bytes(b"precious")
+    assert _cli(tiny_model, sources, out, *expa, "--n-ex", "2") == 1
+    assert "e_sample-2.nii.gz exists; pass --force" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e_sample-2.nii.gz"]
+    (tmp_path / "e_sample-2.nii.gz").unlink()
+    assert _cli(tiny_model, sources, out, *expa, "--n-ex", "3") == 0
+    names = ["e.json", "e.nii.gz", "e_sample-1.nii.gz", "e_sample-2.nii.gz", "e_sample-3.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*names, "e_std.nii.gz"]
+    (tmp_path / "e_sample-1.txt").write_text("not ours")
+    # replaced by a run of 2 samples: the third sample of the earlier run goes
+    assert _cli(tiny_model, sources, out, *expa, "--n-ex", "2", "--force") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*names[:4], "e_sample-1.txt", "e_std.nii.gz"]
+    )
+    assert _cli(tiny_model, sources, out, "--views", "axial", "--force") == 0  # no samples now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.nii.gz", "e_sample-1.txt"]
 
 
 def test_saving_over_an_output_needs_overwrite(translator, sources, tmp_path):

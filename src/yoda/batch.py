@@ -169,6 +169,10 @@ def translate_cohort(
     from yoda.data.io import sidecar_path
     from yoda.translate import check_output_dtype, subject_seed
 
+    subjects = manifest.split(split).subjects
+    if not subjects:
+        splits = ", ".join(sorted(manifest.splits))
+        raise InputError(f"no subjects in split {split!r} of the manifest (it has {splits})")
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,9 +180,6 @@ def translate_cohort(
         raise InputError(f"cannot create the output folder {out_dir}: {err}") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise InputError(f"output folder {out_dir} is not writable")
-    subjects = manifest.split(split).subjects if split else list(manifest.subjects)
-    if not subjects:
-        raise InputError(f"no subjects in split {split!r} of the manifest")
     rank, world = distributed_rank()
     mine = subjects[rank::world]
     result = CohortResult()

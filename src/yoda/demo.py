@@ -118,9 +118,30 @@ def run_demo(
         raise ConfigError("--full runs the paper's 251 timesteps; give --full or --steps")
     if train and train_steps < 1:
         raise ConfigError(f"--train-steps must be >= 1; got {train_steps}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"--seed must be an integer >= 0; got {seed!r}")
     start = time.perf_counter()
+    methods = methods_for(full, steps, expa_sizes)
+    # the model and every mode's options are checked before anything is written
+    translator = None
+    if model_dir is not None or not train:
+        model = Path(model_dir) if model_dir is not None else bundled_model_dir()
+        translator = Translator.load(model, device=device, precision=precision)
+        for options in methods.values():
+            translator.check_options(**options)
+    else:  # the model trained below has the schedule of TrainConfig's defaults
+        from yoda.config import ModelConfig
+        from yoda.diffusion.sampling import timesteps_for
+        from yoda.diffusion.schedule import make_schedule
+
+        schedule = make_schedule(ModelConfig.schedule, ModelConfig.T)
+        for options in methods.values():
+            timesteps_for(schedule, options.get("steps"))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create the demo folder {out}: {err}") from None
     n_train = 4 if train else 0
     counts = (n_train, 1 if train else 0, subjects)
     phantom_dir = out / "phantom"
@@ -138,18 +159,13 @@ def run_demo(
             counts=counts,
             progress=progress,
         )
-    if model_dir is not None:
-        model = Path(model_dir)
-    elif train:
+    if translator is None:
         model = _train_from_scratch(
             manifest_path, out / "train", train_steps, device, progress, log
         )
-    else:
-        model = bundled_model_dir()
+        translator = Translator.load(model, device=device, precision=precision)
     log(f"[2/4] translating with {model}")
-    translator = Translator.load(model, device=device, precision=precision)
     manifest = read_manifest(manifest_path)
-    methods = methods_for(full, steps, expa_sizes)
     pred_dirs: dict[str, Path] = {}
     for name, options in methods.items():
         t0 = time.perf_counter()

@@ -926,10 +926,10 @@ class _Trainer:
         folder = latest_checkpoint(self.run_dir) if self.resume else None
         if folder is not None:
             self._load_checkpoint(folder)
-            if self.is_main and self.progress:
+            if self.is_main:  # also without a progress bar: it says what the run does
                 print(f"resuming {self.run_dir} from step {self.step}", file=sys.stderr)
         else:
-            if self.resume and self.is_main and self.progress:
+            if self.resume and self.is_main:
                 print(f"no checkpoint in {self.run_dir}: starting from step 0", file=sys.stderr)
             if c.model.init:
                 self._load_init(c.model.init)

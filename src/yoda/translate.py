@@ -8,10 +8,12 @@ optional slice correction -> un-crop -> ``io.save_image`` in the first source's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,28 +134,29 @@ class Translation:
         """Write the image in the first source's grid (and a sidecar ``.json``); return the path.
 
         With ``extras``, the ExpA samples and their per-voxel std are written beside it as
-        ``<name>_sample-<k>`` and ``<name>_std`` (when they were kept).
+        ``<name>_sample-<k>`` and ``<name>_std`` (when they were kept). Existing files of
+        these names are an error unless ``overwrite``, which also removes the samples and std
+        of an earlier output of this name that this one does not replace.
         """
         path = Path(path)
         stem, suffix = io.split_image_suffix(path)
         if not suffix:
             raise InputError(f"output {path} must end in {', '.join(io.IMAGE_SUFFIXES)}")
         check_output_dtype(dtype, self.info.get("normalization"))
-        targets = [path]
-        if sidecar:
-            targets.append(io.sidecar_path(path))
+        extra: dict[Path, tuple[np.ndarray, str]] = {}
+        if extras and self.samples is not None:
+            arrays = [(sample, dtype) for sample in self.samples]
+            if self.std is not None:
+                arrays.append((self.std, "float32"))
+            paths = sample_paths(path, len(self.samples), std=self.std is not None)
+            extra = dict(zip(paths, arrays, strict=True))
+        targets = [path, *([io.sidecar_path(path)] if sidecar else []), *extra]
         if not overwrite:
             existing = [p for p in targets if p.exists()]
             if existing:
                 raise InputError(f"{existing[0]} exists (overwrite=True replaces it)")
-        if extras:
-            if self.samples is not None:
-                for k, sample in enumerate(self.samples):
-                    out = path.with_name(f"{stem}_sample-{k + 1}{suffix}")
-                    io.save_image(sample, self.geometry, out, dtype=dtype, overwrite=True)
-            if self.std is not None:
-                out = path.with_name(f"{stem}_std{suffix}")
-                io.save_image(self.std, self.geometry, out, dtype="float32", overwrite=True)
+        for out, (array, kind) in extra.items():
+            io.save_image(array, self.geometry, out, dtype=kind, overwrite=True)
         io.save_image(self.image, self.geometry, path, dtype=dtype, overwrite=overwrite)
         if sidecar:
             try:
@@ -161,7 +164,44 @@ class Translation:
             except OSError as err:
                 path.unlink(missing_ok=True)  # no image without its description
                 raise InputError(f"{targets[1]}: cannot write the sidecar: {err}") from None
+        if overwrite:  # an earlier output's samples and std that this one does not replace
+            pattern = re.compile(re.escape(stem) + r"_(sample-\d+|std)" + re.escape(suffix))
+            for old in path.parent.iterdir():
+                if pattern.fullmatch(old.name) and old not in extra:
+                    old.unlink(missing_ok=True)
         return path
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ConfigError(f"seed must be an integer from 0 to 2**64 - 1; got {seed!r}")
+
+
+@contextlib.contextmanager
+def _memory_error(mode: str, n_ex: int, shape: Sequence[int]) -> Iterator[None]:
+    """Turn a failed allocation while sampling into a one-line :class:`InputError`."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        # torch reports a failed allocation as a RuntimeError (OutOfMemoryError on CUDA)
+        text = str(err).lower()
+        if not isinstance(err, MemoryError) and not any(
+            words in text for words in ("out of memory", "can't allocate memory")
+        ):
+            raise
+        what = f"{n_ex} ExpA trajectories" if mode == "expa" else "the volume"
+        size = " x ".join(str(n) for n in shape)
+        hint = "lower --n-ex or --batch-size" if mode == "expa" else "lower --batch-size"
+        raise InputError(f"not enough memory to sample {what} of {size} voxels; {hint}") from None
+
+
+def sample_paths(path: str | os.PathLike, n_samples: int, *, std: bool = False) -> list[Path]:
+    """Where :meth:`Translation.save` writes ExpA samples (and their std) beside ``path``:
+    ``flair.nii.gz`` -> ``flair_sample-1.nii.gz``, ..., ``flair_std.nii.gz``."""
+    path = Path(path)
+    stem, suffix = io.split_image_suffix(path)
+    out = [path.with_name(f"{stem}_sample-{k + 1}{suffix}") for k in range(n_samples)]
+    return out + [path.with_name(f"{stem}_std{suffix}")] if std else out
 
 
 def check_output_dtype(dtype: str, normalization: str | None) -> None:
@@ -333,6 +373,7 @@ class Translator:
         views: str | Sequence[str] = "all",
         steps: str | int | None = None,
         slice_correction: str = "none",
+        seed: int = 0,
         **_other: Any,
     ) -> dict[str, Any]:
         """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
@@ -342,6 +383,7 @@ class Translator:
         whose sidecar agrees on them (and on the seed) is what :meth:`translate` would make.
         """
         view_names, _ = self._check_options(mode, views, n_ex, slice_correction, steps)
+        _check_seed(seed)
         return self._settings(mode, view_names, n_ex, steps, slice_correction)
 
     def translate(
@@ -393,6 +435,7 @@ class Translator:
         """
         # before reading anything
         view_names, n_total = self._check_options(mode, views, n_ex, slice_correction, steps)
+        _check_seed(seed)
         start = time.perf_counter()
         if isinstance(sources, PreparedSubject):
             if mask is not None or resample:
@@ -431,30 +474,8 @@ class Translator:
 
         common = dict(generator=gen, device=self.device, callback=callback)
         sampling_start = time.perf_counter()
-        if mode == "regression":
-            res = sampling.regression(
-                denoiser,
-                shape,
-                self.schedule,
-                views=view_names,
-                prediction=self.card.prediction,
-                **common,
-            )
-        elif mode == "diffusion":
-            res = sampling.diffusion(
-                denoiser, shape, self.schedule, timesteps=steps, views=view_names, **common
-            )
-        else:
-            res = sampling.expa(
-                denoiser,
-                shape,
-                self.schedule,
-                n_ex=n_ex,
-                timesteps=steps,
-                views=view_names,
-                keep_samples=keep_samples,
-                **common,
-            )
+        with _memory_error(mode, n_ex, shape):
+            res = self._sample(mode, denoiser, shape, view_names, n_ex, steps, keep_samples, common)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         sampling_seconds = time.perf_counter() - sampling_start
@@ -489,6 +510,41 @@ class Translator:
         return Translation(image=out, geometry=prep.geometry, info=info, samples=samples, std=std)
 
     # ------------------------------------------------------------------ helpers
+
+    def _sample(
+        self,
+        mode: str,
+        denoiser: VolumeDenoiser,
+        shape: tuple[int, ...],
+        view_names: Sequence[str],
+        n_ex: int,
+        steps: Any,
+        keep_samples: bool,
+        common: dict[str, Any],
+    ) -> sampling.SampleResult:
+        if mode == "regression":
+            return sampling.regression(
+                denoiser,
+                shape,
+                self.schedule,
+                views=view_names,
+                prediction=self.card.prediction,
+                **common,
+            )
+        if mode == "diffusion":
+            return sampling.diffusion(
+                denoiser, shape, self.schedule, timesteps=steps, views=view_names, **common
+            )
+        return sampling.expa(
+            denoiser,
+            shape,
+            self.schedule,
+            n_ex=n_ex,
+            timesteps=steps,
+            views=view_names,
+            keep_samples=keep_samples,
+            **common,
+        )
 
     def _settings(
         self, mode: str, view_names: Sequence[str], n_ex: int, steps: Any, correction: str

@@ -220,8 +220,16 @@ def test_manifest_without_split_gets_deterministic_splits(tmp_path):
     assert [s.split for s in a] == [s.split for s in b]
     assert [s.split for s in a] != [s.split for s in c]
     assert a.splits == {"train": 16, "val": 2, "test": 2}
-    # the assignment does not depend on the order of the ids
     ids = [f"s{i:02d}" for i in range(20)]
+    # drawn splits are marked: translation and evaluation then take every subject
+    assert a.drawn_splits == set(ids)
+    assert a.default_split() is None and a.split("test").drawn_splits <= a.drawn_splits
+    (tmp_path / "half.csv").write_text("id,split,t1w\na,test,a.nii.gz\nb,,b.nii.gz\n")
+    half = read_manifest(tmp_path / "half.csv")
+    assert half.drawn_splits == {"b"} and half.default_split() is None
+    assert half.split("test").default_split() == "test"
+    assert _example_manifest(tmp_path).default_split() == "test"
+    # the assignment does not depend on the order of the ids
     assert assign_splits(ids, seed=7) == assign_splits(ids[::-1], seed=7)
     assert assign_splits(ids, seed=7) == {s.id: s.split for s in a}
     counts = list(assign_splits(ids[:7], (0.5, 0.25, 0.25), seed=1).values())
@@ -246,8 +254,14 @@ def test_manifest_errors_are_clear(tmp_path):
     (tmp_path / "noid.csv").write_text("name,t1w\na,a.nii.gz\n")
     with pytest.raises(InputError, match="no 'id' column"):
         read_manifest(tmp_path / "noid.csv")
+    (tmp_path / "twice.csv").write_text("id,split,t1w,t2w,T1w\na,test,a.nii.gz,b.nii.gz,c.nii\n")
+    with pytest.raises(InputError, match=r"twice.csv: repeated column\(s\) t1w"):
+        read_manifest(tmp_path / "twice.csv")
     with pytest.raises(InputError, match="does not exist"):
         read_manifest(tmp_path / "missing.csv")
+    (tmp_path / "binary.csv").write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
+    with pytest.raises(InputError, match="binary.csv is not a text manifest"):
+        read_manifest(tmp_path / "binary.csv")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(InputError, match="cannot recognise the layout"):
         load_manifest(tmp_path / "empty_dir")
@@ -301,7 +315,7 @@ def test_check_data_reports_all_problems_at_once(tmp_path, capsys):
         _subject_files(tmp_path, "good"),
         _subject_files(tmp_path, "misreg", affine_t2=shifted),
         _subject_files(tmp_path, "nan", t2_data=nan_data),
-        _subject_files(tmp_path, "empty", mask=np.zeros(SHAPE)),
+        _subject_files(tmp_path, "empty", mask=np.full(SHAPE, 0.4)),  # translation: empty
         _subject_files(tmp_path, "broken"),
     ]
     (tmp_path / "broken" / "t1.nii.gz").write_bytes(b"this is not a nifti file")

@@ -42,7 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory (model.json + weights)")
     p.add_argument("--out", help="output NIfTI (one subject)")
     p.add_argument("--data", help="manifest (CSV/JSON) for batch mode")
-    p.add_argument("--split", default="test", help="manifest split in batch mode (default: test)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="manifest split in batch mode (default: test; every subject where the manifest "
+        "gives no splits)",
+    )
     p.add_argument("--out-dir", help="output folder in batch mode")
     p.add_argument("--mode", choices=MODES, default="regression", help="sampling mode")
     p.add_argument("--n-ex", type=int, default=4, help="ExpA samples (default 4)")
@@ -112,21 +117,27 @@ def _source_flags(extra: list[str]) -> dict[str, str]:
         name, eq, value = token[2:].partition("=")
         if not eq:
             value = next(it, None)
-            if value is None or value.startswith("--"):
-                raise ConfigError(f"--{name} needs a file path")
-        sources[name.replace("-", "_").lower()] = value
+        if not value or value.startswith("--"):
+            raise ConfigError(f"--{name} needs a file path")
+        name = name.replace("-", "_").lower()
+        if name in sources:
+            raise ConfigError(f"--{name} is given twice")
+        sources[name] = value
     return sources
 
 
-def _check_output(out: Path, *, force: bool) -> None:
-    """Refuse an output that cannot be written before any work is done."""
+def _check_output(out: Path, *, force: bool, samples: int) -> None:
+    """Refuse an output (with its sidecar and ``samples`` ExpA samples and their std) that
+    cannot be written before any work is done."""
     from yoda.data.io import IMAGE_SUFFIXES, sidecar_path, split_image_suffix
+    from yoda.translate import sample_paths
 
     if not split_image_suffix(out)[1]:
         raise InputError(f"output {out} must end in {', '.join(IMAGE_SUFFIXES)}")
     if out.is_dir():
         raise InputError(f"output {out} is a directory, expected a file name")
-    for path in (out, sidecar_path(out)):
+    extras = sample_paths(out, samples, std=True) if samples else []
+    for path in (out, sidecar_path(out), *extras):
         if path.exists() and not force:
             raise InputError(f"{path} exists; pass --force to overwrite it")
     folder = out.parent
@@ -152,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.out is None:
             raise ConfigError("give --out (one subject) or --data with --out-dir (batch mode)")
-        _check_output(Path(args.out), force=args.force)
+        samples = args.n_ex if args.save_samples and args.mode == "expa" else 0
+        _check_output(Path(args.out), force=args.force, samples=samples)
 
     from yoda.translate import Translator, check_output_dtype
 
@@ -183,7 +195,7 @@ def _run_one(args, translator, options, sources) -> int:
 
     options = dict(options)
     resample = options.pop("resample")
-    translator.check_options(**options)
+    translator.check_options(seed=args.seed, **options)
     # read and checked before the progress bar shows, so that bad input gives one line
     prepared = translator.prepare(sources, mask=args.mask, resample=resample)
     bar = tqdm(total=1, desc=f"translate ({args.mode})", unit="NFE", disable=args.no_progress)
@@ -216,10 +228,16 @@ def _run_batch(args, translator, options) -> int:
     from yoda.data.manifest import read_manifest
 
     manifest = read_manifest(args.data)
+    split = args.split if args.split is not None else manifest.default_split()
+    if split is None:
+        print(
+            f"yoda translate: note: {args.data} gives no splits: translating every subject",
+            file=sys.stderr,
+        )
     result = translate_cohort(
         translator,
         manifest,
-        split=args.split,
+        split=split,
         out_dir=args.out_dir,
         options=options,
         seed=args.seed,

@@ -129,11 +129,13 @@ class Subject:
 class Manifest:
     """A cohort: subjects and the folder that relative paths resolve against.
 
-    Subject ids must be unique; :class:`InputError` lists every duplicate.
+    Subject ids must be unique; :class:`InputError` lists every duplicate. ``drawn_splits``
+    holds the ids whose split was drawn at random because the source gave none.
     """
 
     subjects: list[Subject]
     root: Path
+    drawn_splits: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -175,9 +177,14 @@ class Manifest:
 
     def split(self, name: str | None) -> Manifest:
         """The subjects of one split (all subjects for ``None``) as a new manifest."""
-        if name is None:
-            return Manifest(list(self.subjects), self.root)
-        return Manifest([s for s in self.subjects if s.split == name], self.root)
+        subjects = [s for s in self.subjects if name is None or s.split == name]
+        ids = {s.id for s in subjects}
+        return Manifest(subjects, self.root, self.drawn_splits & ids)
+
+    def default_split(self) -> str | None:
+        """The split that translation and evaluation take by default: ``"test"`` where the
+        manifest gives every subject's split, every subject (None) where splits were drawn."""
+        return None if self.drawn_splits else "test"
 
     def subject(self, sid: str) -> Subject:
         """The subject with id ``sid`` (InputError if absent)."""
@@ -348,7 +355,7 @@ def _build(
         for e in entries:
             if not e.get("split"):
                 e["split"] = assigned[e["id"]]
-    manifest = Manifest([Subject(**e) for e in entries], root)
+    manifest = Manifest([Subject(**e) for e in entries], root, frozenset(unsplit))
     if not manifest.subjects:
         raise InputError(f"{where}: no subjects found")
     return manifest.require(require, where=where)
@@ -372,7 +379,9 @@ def read_manifest(
     root = path.absolute().parent
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise InputError(f"manifest {path} is not a text manifest (.csv or .json)") from None
+    except OSError as exc:
         raise InputError(f"manifest {path} cannot be read: {exc}") from None
     where = f"manifest {path}"
     if path.suffix.lower() == ".json":
@@ -388,6 +397,9 @@ def read_manifest(
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         reader = csv.DictReader(_io.StringIO(text), delimiter=delimiter)
         fields = [str(f).strip().lower() for f in reader.fieldnames or []]
+        repeated = sorted({f for f in fields if f and fields.count(f) > 1})
+        if repeated:
+            raise InputError(f"{where}: repeated column(s) {', '.join(repeated)}")
         if "id" not in fields:
             raise InputError(f"{where}: no 'id' column (columns: {', '.join(fields) or 'none'})")
         entries = [_subject_from_row(row, root, where) for row in reader]
@@ -679,8 +691,8 @@ def check_subject(subject: Subject, modalities: Sequence[str] | None = None) -> 
         if bad:
             problems.append(f"{subject.id}: {role} ({path}): {bad} voxel(s) are NaN or Inf")
             continue
-        if role == "mask" and not np.any(arr > 0):
-            problems.append(f"{subject.id}: mask ({path}): the mask is empty (no voxel > 0)")
+        if role == "mask" and not np.any(arr > 0.5):  # as translation and training read masks
+            problems.append(f"{subject.id}: mask ({path}): the mask is empty (no voxel > 0.5)")
         geoms[role] = geom
     if len(geoms) > 1:
         try:

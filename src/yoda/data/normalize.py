@@ -152,7 +152,7 @@ def fit_intensity(
         if not 0 < percentile <= 100:
             raise ConfigError(f"percentile {percentile} must be in (0, 100]")
         values = vol[mask] if mask is not None else vol[vol != 0]
-        what = f"the {percentile}th percentile"
+        what = f"the {percentile}th percentile of the foreground"
         ref = float(np.percentile(values, percentile)) if values.size else 0.0
         level = 255.0
     else:
@@ -164,13 +164,13 @@ def fit_intensity(
             if np.count_nonzero(inner) >= 0.1 * np.count_nonzero(mask):
                 mask = inner
         values = vol[mask]
-        what = "the foreground median"
+        what = "the median of the foreground"
         ref = float(np.median(values)) if values.size else 0.0
         level = TISSUE_LEVEL
     if values.size == 0:
         raise InputError(f"{name}: the foreground is empty; cannot normalize intensities")
     if not ref > 0:
-        raise InputError(f"{name}: {what} of the foreground is {ref:.4g}; it must be positive")
+        raise InputError(f"{name}: {what} is {ref:.4g}; it must be positive")
     return Intensity(method=method, scale=level / ref, offset=0.0)
 
 

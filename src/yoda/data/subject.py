@@ -177,6 +177,11 @@ def prepare_subject(
             if name != reference:
                 order = 0 if name == "mask" else 1
                 arrays[name] = io.resample_like(arrays[name], geom, geoms[reference], order=order)
+                if name != "mask" and not arrays[name].max() > arrays[name].min():
+                    raise InputError(
+                        f"{prefix}{name} ({geom.label}): resampled onto the grid of "
+                        f"{reference}, it is constant; do the images overlap?"
+                    ) from None
     if mask is None:
         brain = foreground_mask(arrays[reference], name=prefix + reference)
         mask_source = f"foreground:{reference}"
@@ -191,7 +196,8 @@ def prepare_subject(
     data = np.empty((len(names), *(b.stop - b.start for b in bbox)), dtype=np.float32)
 
     def normalize(c: int, name: str) -> Intensity:
-        inten = fit_intensity(arrays[name], brain, name=prefix + name, **norm[name])
+        label = f"{prefix}{name} ({geoms[name].label})"
+        inten = fit_intensity(arrays[name], brain, name=label, **norm[name])
         data[c] = to_network(apply_intensity(crop(arrays[name], bbox), inten))
         return inten
 
