@@ -246,6 +246,42 @@ def test_grid_mismatch_is_reported_not_fatal(cohort, tmp_path):
     assert "not on the same voxel grid" in ev.failed[f"{s.id} regression"]
 
 
+def _put_nan(path: Path) -> None:
+    """Rewrite a prediction with a few NaN voxels (save_image refuses to write them)."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[3:5, 3:5, 3:5] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+
+
+def test_scored_and_left_out_subjects_name_each_gap_and_its_reason(cohort, tmp_path):
+    manifest_path, _, pred = cohort
+    shutil.copytree(pred, tmp_path / "pred")
+    _put_nan(tmp_path / "pred" / "regression" / "sub-001_flair.nii.gz")
+    ev = evaluate(tmp_path / "pred" / "regression", manifest_path, progress=False)
+    # the subject's target was loaded, but its only prediction could not be scored
+    assert ev.subjects == ["sub-000", "sub-001"]
+    assert ev.split_subjects == ["sub-000", "sub-001"]
+    assert ev.scored_subjects() == ["sub-000"]
+    left = ev.left_out()
+    assert list(left) == ["sub-001"] and "NaN or Inf" in left["sub-001"]
+    # with a second method the gap is one prediction, not the subject
+    (tmp_path / "pred" / "diffusion" / "sub-000_flair.nii.gz").unlink()
+    ev = evaluate(tmp_path / "pred", manifest_path, progress=False)
+    assert ev.scored_subjects() == ["sub-000", "sub-001"]
+    left = ev.left_out()
+    assert list(left) == ["sub-000 diffusion", "sub-001 regression"]
+    assert left["sub-000 diffusion"] == "no prediction"
+    assert "NaN or Inf" in left["sub-001 regression"]
+
+
+def test_nothing_left_out_when_every_prediction_is_scored(ev):
+    assert ev.scored_subjects() == ev.split_subjects == ["sub-000", "sub-001"]
+    assert ev.left_out() == {}
+
+
 def _shrunk(geom, shape):
     from dataclasses import replace
 

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,13 +15,13 @@ from scipy import ndimage
 
 from yoda.cli import main
 from yoda.data.io import load_image, save_image
-from yoda.data.manifest import read_manifest
+from yoda.data.manifest import Manifest, Subject, read_manifest, write_manifest
 from yoda.data.normalize import apply_intensity, fit_intensity
 from yoda.data.phantom import make_phantom
 from yoda.errors import ConfigError, InputError
 from yoda.evaluate.evaluation import evaluate
 from yoda.evaluate.metrics import rician_noise
-from yoda.evaluate.report import SECTIONS, highlights, write_report
+from yoda.evaluate.report import REPORT_INDEX, SECTIONS, highlights, report_files, write_report
 from yoda.evaluate.robustness import parse_levels, robustness
 
 FIGURE_SECTIONS = ("examples", "perception-distortion", "lesion-volumes", "quality-control")
@@ -174,14 +175,21 @@ def test_page_text_comes_from_the_data(report):
             assert "expa-4: 2 of 3" in line
 
 
-def test_report_without_labels_or_robustness_says_so(cohort, tmp_path):
-    from yoda.data.manifest import Manifest, Subject
-
-    _, manifest, pred = cohort
-    bare = Manifest(
+def _bare(manifest: Manifest) -> Manifest:
+    """The manifest without labels and clean targets (no WMH volumes, no scores vs clean)."""
+    return Manifest(
         [Subject(s.id, s.split, dict(s.images), mask=s.mask) for s in manifest.subjects],
         manifest.root,
     )
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_report_without_labels_or_robustness_says_so(cohort, tmp_path):
+    _, manifest, pred = cohort
+    bare = _bare(manifest)
     ev = evaluate(pred / "regression", bare, progress=False)
     page = write_report(ev, tmp_path / "rep").read_text()
     sections = _sections(page)
@@ -274,3 +282,92 @@ def test_cli_bad_arguments_fail_with_one_line(cohort, tmp_path, capsys, extra, m
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1 and message in err and err.startswith("yoda evaluate:")
+
+
+def test_a_report_replaces_the_earlier_one_and_keeps_other_files(report, cohort, tmp_path):
+    _, full, _, _ = report
+    _, manifest, pred = cohort
+    out = tmp_path / "rep"
+    shutil.copytree(full, out)
+    earlier = set(report_files(out))
+    assert earlier == _files(out) - {REPORT_INDEX}
+    assert {"lesion_volumes.csv", "robustness.csv", "figures/bland_altman.png"} <= earlier
+    assert "figures/qc_expa-4_ssim.png" in earlier
+    (out / "notes.txt").write_text("mine\n")
+    (out / "figures" / "mine.png").write_bytes(b"not a report figure")
+    ev = evaluate(pred / "regression", _bare(manifest), progress=False)
+    write_report(ev, out)
+    now = set(report_files(out))
+    assert _files(out) == now | {REPORT_INDEX, "notes.txt", "figures/mine.png"}
+    for stale in ("lesion_volumes.csv", "robustness.csv", "figures/bland_altman.png"):
+        assert stale not in now and not (out / stale).exists()
+    assert not list(out.glob("figures/qc_expa-4_*.png"))
+    assert (out / "notes.txt").read_text() == "mine\n"
+    # the same report again (as a rerun of the demo does): the same files
+    write_report(ev, out)
+    assert set(report_files(out)) == now
+
+
+def test_report_index_never_names_files_outside_the_folder(tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (tmp_path / "victim.txt").write_text("keep\n")
+    names = ["../victim.txt", str(tmp_path / "victim.txt"), REPORT_INDEX, "a\\b", "summary.csv"]
+    (out / REPORT_INDEX).write_text(json.dumps({"format": "yoda-report", "files": names}))
+    assert report_files(out) == ["summary.csv"]
+    (out / REPORT_INDEX).write_text(json.dumps({"files": ["summary.csv"]}))
+    assert report_files(out) is None
+
+
+def _cli(args: list[str]) -> int:
+    return main(["evaluate", *args, "--no-progress"])
+
+
+def test_cli_refuses_a_folder_with_other_files_or_a_report_without_force(
+    report, cohort, tmp_path, capsys
+):
+    _, full, _, _ = report
+    manifest_path, manifest, pred = cohort
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    args = ["--pred", str(pred / "regression"), "--data", str(manifest_path)]
+    assert _cli([*args, "--out", str(foreign)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty and holds no report" in err
+    assert _files(foreign) == {"notes.txt"}
+    out = tmp_path / "rep"
+    shutil.copytree(full, out)
+    before = {p: (out / p).read_bytes() for p in _files(out)}
+    assert _cli([*args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds an earlier report; pass --force" in err
+    assert {p: (out / p).read_bytes() for p in _files(out)} == before
+    # --force replaces the earlier report: nothing of it is left beside the new one
+    bare = write_manifest(_bare(manifest), tmp_path / "bare.csv")
+    args = ["--pred", str(pred / "regression"), "--data", str(bare)]
+    assert _cli([*args, "--out", str(out), "--force"]) == 0
+    assert _files(out) == set(report_files(out)) | {REPORT_INDEX}
+    assert not (out / "lesion_volumes.csv").exists() and not (out / "robustness.csv").exists()
+    assert not list(out.glob("figures/qc_*_dice.png"))
+    assert _cli([*args, "--out", str(foreign), "--force"]) == 0
+    assert (foreign / "notes.txt").read_text() == "mine\n"
+    assert (foreign / "report.html").is_file()
+
+
+def test_cli_summary_counts_the_subjects_left_out(cohort, tmp_path, capsys):
+    import nibabel as nib
+
+    manifest_path, _, pred = cohort
+    folder = tmp_path / "regression"
+    shutil.copytree(pred / "regression", folder)
+    bad = folder / "sub-001_flair.nii.gz"
+    img = nib.load(bad)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[4, 4, 4] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), bad)
+    code = _cli(["--pred", str(folder), "--data", str(manifest_path), "--out", str(tmp_path / "o")])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("scored 2 of 3 subject(s) of split test (1 left out) x 1 method(s)")
+    assert len(out) == 2 and out[1].startswith("left out sub-001: ") and "NaN or Inf" in out[1]

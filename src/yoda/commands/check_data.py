@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from yoda.errors import InputError
+
+#: File suffixes of a manifest that ``--data`` accepts.
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".json")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="modalities every subject must have (default: check whatever each subject has)",
     )
     p.add_argument(
-        "--write-manifest", default=None, metavar="OUT", help="write the manifest (.csv or .json)"
+        "--write-manifest",
+        default=None,
+        metavar="OUT",
+        help="write the manifest (.csv or .json); an existing file only with --force",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing --write-manifest file")
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the split shuffle for layouts without splits"
     )
@@ -47,10 +57,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse a ``--data`` file that is no manifest and a ``--write-manifest`` that cannot be
+    written (or exists, without ``--force``) before any work."""
+    data = Path(args.data).expanduser()
+    if (
+        args.layout in ("auto", "manifest")
+        and data.is_file()
+        and data.suffix.lower() not in MANIFEST_SUFFIXES
+    ):
+        raise InputError(f"--data {data} is not a manifest (.csv/.json) or a dataset folder")
+    if args.write_manifest is None:
+        return
+    out = Path(args.write_manifest).expanduser()
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise InputError(
+            f"--write-manifest {out}: unknown format {out.suffix!r} (use .csv or .json)"
+        )
+    if out.is_dir():
+        raise InputError(f"--write-manifest {out} is a folder, expected a file name")
+    if out.exists() and not args.force:
+        raise InputError(f"--write-manifest {out} exists; pass --force to replace it")
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the manifest, optionally write it, verify all subjects; 1 if any problem."""
     from yoda.data.manifest import check_data, load_manifest, write_manifest
 
+    check_paths(args)
     modalities = [m.lower() for m in args.modalities] if args.modalities else None
     manifest = load_manifest(
         args.data, args.layout, seed=args.seed, fractions=tuple(args.fractions)

@@ -6,8 +6,12 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from yoda.errors import ConfigError
+
+if TYPE_CHECKING:
+    from yoda.evaluate.evaluation import Evaluation
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
 NORMALIZATIONS = ("percentile", "tissue", "ct")
@@ -27,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Wilcoxon tests, ICC and Bland-Altman of WMH volumes, worst cases. --pred is a "
             "folder of predictions (one method), a folder with one subfolder per method, or "
             "NAME=DIR; give it several times to compare methods. With --input-noise and "
-            "--model the sources are translated again with Rician noise added (robustness)."
+            "--model the sources are translated again with Rician noise added (robustness). "
+            "--out must be a new or empty folder unless --force is given: then an earlier "
+            "report there is replaced (the files its report.json lists are rewritten or "
+            "removed) and other files are left as they are."
         ),
     )
     p.add_argument(
@@ -38,8 +45,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prediction folder (repeatable)",
     )
     p.add_argument("--data", required=True, metavar="MANIFEST", help="manifest (CSV/JSON)")
-    p.add_argument("--split", default="test", help="manifest split to evaluate (default: test)")
-    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="manifest split to evaluate (default: test; every subject where the manifest "
+        "gives no splits)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="REPORT_DIR", help="report folder (new or empty)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out: an earlier report there is replaced, other files "
+        "are kept",
+    )
     p.add_argument(
         "--target", default=None, help="target modality (default: from the prediction file names)"
     )
@@ -107,12 +127,41 @@ def parse_pred(values: list[str]) -> list[tuple[str | None, Path]]:
     return out
 
 
+def check_out(out: Path, *, force: bool) -> None:
+    """Refuse a report folder that exists and is not empty, unless ``force``."""
+    from yoda.evaluate.report import REPORT_INDEX, report_files
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    if report_files(out) is not None:
+        raise ConfigError(f"--out {out} holds an earlier report; pass --force to replace it")
+    raise ConfigError(
+        f"--out {out} is not empty and holds no report ({REPORT_INDEX}); give a new or empty "
+        "folder, or pass --force to write the report beside its files"
+    )
+
+
+def summary_lines(ev: Evaluation, path: Path) -> list[str]:
+    """What was scored (subjects of the split, methods), what was left out and why."""
+    scored = ev.scored_subjects()
+    total = len(ev.split_subjects or ev.subjects)
+    where = f"split {ev.split}" if ev.split is not None else "the manifest"
+    lines = [
+        f"scored {len(scored)} of {total} subject(s) of {where}"
+        f"{f' ({total - len(scored)} left out)' if len(scored) < total else ''} x "
+        f"{len(ev.methods)} method(s) ({', '.join(ev.method_names)}) -> {path}"
+    ]
+    lines += [f"left out {key}: {why}" for key, why in ev.left_out().items()]
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``yoda evaluate``."""
     preds = parse_pred(args.pred)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_out(out, force=args.force)
     if (args.input_noise is None) != (args.model is None):
         raise ConfigError("--input-noise and --model go together (the robustness experiment)")
     if args.noise_subjects is not None and args.noise_subjects < 1:
@@ -127,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
     levels = parse_levels(args.input_noise) if args.input_noise is not None else None
     manifest = read_manifest(args.data)
+    split = args.split if args.split is not None else manifest.default_split()
     device = "cpu"
     if args.fid_weights is not None or args.model is not None:
         from yoda.device import resolve_device
@@ -135,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     ev = evaluate(
         preds,
         manifest,
-        split=args.split,
+        split=split,
         normalization=args.normalization,
         fid_weights=args.fid_weights,
         progress=not args.no_progress,
@@ -151,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         rob = robustness(
             translator,
             manifest,
-            args.split,
+            split,
             levels,
             mode=args.noise_mode,
             seed=args.seed,
@@ -161,8 +211,5 @@ def run(args: argparse.Namespace) -> int:
     path = write_report(ev, out, robustness=rob)
     for note in ev.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(
-        f"evaluated {len(ev.subjects)} subject(s) x {len(ev.methods)} method(s) "
-        f"({', '.join(ev.method_names)}) -> {path}"
-    )
+    print("\n".join(summary_lines(ev, path)))
     return 0

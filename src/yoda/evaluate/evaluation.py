@@ -728,9 +728,11 @@ class Evaluation:
     example_subject : subject shown in the example figure (median SSIM of the reference).
     fid : set name -> FID vs the acquired targets (methods, "clean", "<ref>+noise <s>").
     missing : method -> subject ids without a prediction.
-    failed : "<subject> <method>" -> reason, for predictions that could not be scored.
+    failed : "<subject> <method>" -> reason, for predictions that could not be scored
+        ("<subject>" when the subject's target could not be used).
     notes : messages for the reader (FID skipped, diffusion previews, ...).
     settings : normalization per method, noise sigmas, QC fraction, seed, voxel sizes.
+    split_subjects : ids of every subject of the split, in manifest order.
     """
 
     target: str
@@ -753,11 +755,38 @@ class Evaluation:
     failed: dict[str, str]
     notes: list[str]
     settings: dict[str, Any]
+    split_subjects: list[str] = field(default_factory=list)
 
     @property
     def method_names(self) -> list[str]:
         """Method names, reference first."""
         return [m.name for m in self.methods]
+
+    def scored_subjects(self) -> list[str]:
+        """Subjects with the scores of at least one method, in manifest order."""
+        have = {r["subject"] for r in self.rows}
+        return [s for s in self.split_subjects or self.subjects if s in have]
+
+    def left_out(self) -> dict[str, str]:
+        """What of the split was not scored, and why: "<subject>" -> reason when no method
+        was scored for one reason, else "<subject> <method>" -> reason per method."""
+        done = {(r["subject"], r["method"]) for r in self.rows}
+        out: dict[str, str] = {}
+        for sid in self.split_subjects or self.subjects:
+            reasons = {}
+            for m in self.methods:
+                if (sid, m.name) in done:
+                    continue
+                reasons[m.name] = (
+                    self.failed.get(f"{sid} {m.name}")
+                    or self.failed.get(sid)
+                    or ("no prediction" if sid in m.missing else "not scored")
+                )
+            if len(reasons) == len(self.methods) and len(set(reasons.values())) == 1:
+                out[sid] = next(iter(reasons.values()))
+            else:
+                out.update({f"{sid} {name}": why for name, why in reasons.items()})
+        return out
 
     def values(self, method: str, key: str) -> dict[str, float]:
         """subject -> value of metric ``key`` for a method or reference row."""
@@ -1009,6 +1038,7 @@ def evaluate(
         failed=failed,
         notes=notes,
         settings=settings,
+        split_subjects=[s.id for s in subjects],
     )
 
 

@@ -9,22 +9,29 @@
   ``summary.csv`` and ``summary.md`` (Table I: mean ± std per method), ``stats.csv`` (p-values),
   ``lesion_volumes.csv``, and with an input-noise experiment ``robustness.csv`` and
   ``robustness_summary.csv``;
-- ``figures/*.png``: the figures of the page.
+- ``figures/*.png``: the figures of the page;
+- ``report.json``: the list of the files above that this report wrote.
 
 Every file is written atomically. Sentences in the page that compare methods are computed from
 the tables (e.g. "highest mean SSIM vs acquired: <method>").
+
+A folder holds one report: a report written where an earlier one is removes the files of the
+earlier one (as its ``report.json`` lists them) that it does not write again, and touches no
+other file.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import html
 import io
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -34,8 +41,10 @@ from yoda.atomic import atomic_path, write_text_atomic
 from yoda.evaluate.evaluation import METRICS, PREVIEW_LABEL, REFERENCES, Evaluation, MetricSpec
 
 __all__ = [
+    "REPORT_INDEX",
     "SECTIONS",
     "highlights",
+    "report_files",
     "summary_markdown",
     "summary_table",
     "write_report",
@@ -59,6 +68,9 @@ SECTIONS = (
 ALPHA = 0.05
 SPEC = {m.key: m for m in METRICS}
 _DPI = 100
+REPORT_INDEX = "report.json"
+"""Name of the list of files a report wrote, kept in the report folder."""
+_INDEX_FORMAT = "yoda-report"
 
 
 # --------------------------------------------------------------------------- formatting
@@ -160,7 +172,7 @@ def summary_markdown(ev: Evaluation) -> str:
     """The summary (Table I) as Markdown."""
     header, body = summary_table(ev)
     lines = [
-        f"# YODA evaluation: {ev.target}, split {ev.split}, {len(ev.subjects)} subjects",
+        f"# YODA evaluation: {ev.target}, split {ev.split}, {len(ev.scored_subjects())} subjects",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * len(header)) + "|",
@@ -703,16 +715,20 @@ def _img(png: bytes, alt: str) -> str:
 
 
 class _Figures:
-    """Renders figures to PNG, keeps them for the page and writes them to ``figures/``."""
+    """Renders figures to PNG, keeps them for the page and writes them to ``figures/``;
+    the paths written are appended to ``written``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, written: list[Path]) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.written = written
 
     def html(self, fig: Any, name: str, alt: str) -> str:
         png = _png(fig)
-        with atomic_path(self.folder / f"{name}.png") as tmp:
+        path = self.folder / f"{name}.png"
+        with atomic_path(path) as tmp:
             tmp.write_bytes(png)
+        self.written.append(path)
         return _img(png, alt)
 
 
@@ -721,11 +737,17 @@ def _section(sid: str, body: Sequence[str]) -> str:
     return f'<section id="{sid}">\n<h2>{_e(title)}</h2>\n' + "\n".join(body) + "\n</section>"
 
 
+def _scored_text(ev: Evaluation) -> str:
+    """How many subjects of the split were scored, e.g. "2 of 3 subject(s) scored"."""
+    total = len(ev.split_subjects or ev.subjects)
+    return f"{len(ev.scored_subjects())} of {total} subject(s) scored"
+
+
 def _overview(ev: Evaluation) -> list[str]:
     out = [
         "<p>"
         f"Target <b>{_e(ev.target)}</b>; manifest {_e(ev.manifest)}; split {_e(ev.split)}; "
-        f"{len(ev.subjects)} subject(s) evaluated; reference method for the paired tests: "
+        f"{_scored_text(ev)}; reference method for the paired tests: "
         f"<b>{_e(ev.reference)}</b>.</p>"
     ]
     vs = ev.settings.get("voxel_sizes") or []
@@ -981,10 +1003,42 @@ mean difference and limits of agreement (±1.96 sd).</li>
 """
 
 
+def _safe_name(name: Any) -> bool:
+    """Whether ``name`` from an index is a relative path that stays inside the folder."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    parts = PurePosixPath(name).parts
+    return not PurePosixPath(name).is_absolute() and ".." not in parts and name != REPORT_INDEX
+
+
+def report_files(out_dir: str | os.PathLike) -> list[str] | None:
+    """The files (relative paths) the report in ``out_dir`` wrote, from its ``report.json``;
+    None when the folder holds no report."""
+    try:
+        index = json.loads((Path(out_dir) / REPORT_INDEX).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if (
+        not isinstance(index, dict)
+        or index.get("format") != _INDEX_FORMAT
+        or not isinstance(index.get("files"), list)
+    ):
+        return None
+    return [f for f in index["files"] if _safe_name(f)]
+
+
+def _write_index(out: Path, files: Sequence[str]) -> None:
+    index = {"format": _INDEX_FORMAT, "version": 1, "yoda": __version__, "files": list(files)}
+    write_text_atomic(out / REPORT_INDEX, json.dumps(index, indent=1) + "\n")
+
+
 def write_report(
     evaluation: Evaluation, out_dir: str | os.PathLike, *, robustness: Any = None
 ) -> Path:
     """Write the tables, figures and ``report.html`` into ``out_dir``; return the page's path.
+
+    An earlier report in ``out_dir`` is replaced: its files that this report does not write
+    again are removed (only those its ``report.json`` lists; other files are kept).
 
     Parameters
     ----------
@@ -992,11 +1046,38 @@ def write_report(
     out_dir : report folder (created).
     robustness : optional result of :func:`yoda.evaluate.robustness.robustness`.
     """
-    ev = evaluation
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_tables(ev, out, robustness)
-    figs = _Figures(out / "figures")
+    earlier = report_files(out) or []
+    written: list[Path] = []
+    try:
+        page = _write_report(evaluation, out, robustness, written)
+    except BaseException:
+        # the next report here removes what this one left, as well as the earlier files
+        names = list(dict.fromkeys([*earlier, *(p.relative_to(out).as_posix() for p in written)]))
+        if names:
+            with contextlib.suppress(OSError):
+                _write_index(out, names)
+        raise
+    names = list(dict.fromkeys(p.relative_to(out).as_posix() for p in written))
+    _remove(out, [name for name in earlier if name not in names])
+    _write_index(out, names)
+    return page
+
+
+def _remove(out: Path, names: Iterable[str]) -> None:
+    """Remove the files ``names`` (relative to ``out``) that are plain files inside it."""
+    root = out.resolve()
+    for name in names:
+        old = out / name
+        if old.is_file() and not old.is_symlink() and old.parent.resolve().is_relative_to(root):
+            old.unlink(missing_ok=True)
+
+
+def _write_report(ev: Evaluation, out: Path, robustness: Any, written: list[Path]) -> Path:
+    """The body of :func:`write_report`: every path written is appended to ``written``."""
+    written.extend(write_tables(ev, out, robustness).values())
+    figs = _Figures(out / "figures", written)
     header, body = summary_table(ev)
     classes = ["reference" if e["kind"] == "reference" else "" for e in ev.summary]
     sections: list[str] = []
@@ -1063,7 +1144,7 @@ def write_report(
             '<html lang="en"><head><meta charset="utf-8">',
             f"<title>YODA evaluation: {_e(ev.target)}</title>",
             f"<style>{_CSS}</style></head><body>",
-            f"<h1>YODA evaluation: {_e(ev.target)} ({len(ev.subjects)} subjects, "
+            f"<h1>YODA evaluation: {_e(ev.target)} ({len(ev.scored_subjects())} subjects, "
             f"{len(ev.methods)} methods)</h1>",
             f"<nav>{nav}</nav>",
             *sections,
@@ -1072,4 +1153,6 @@ def write_report(
             "</body></html>",
         ]
     )
-    return write_text_atomic(out / "report.html", page)
+    path = write_text_atomic(out / "report.html", page)
+    written.append(path)
+    return path
