@@ -148,6 +148,22 @@ def test_bench_options_are_checked():
         run_bench("cpu", "tiny", size="tiny", progress=False, precision="fp64")
 
 
+def test_bench_json_path_is_checked_before_the_bench_runs(tmp_path, capsys):
+    """A path that cannot take the JSON fails at once, not after minutes of measuring."""
+    (tmp_path / "t1.nii").write_bytes(b"an image")
+    (tmp_path / "folder.json").mkdir()
+    cases = {
+        "t1.nii": "must end in .json",
+        "folder.json": "is a folder",
+        "t1.nii/x.json": "is not a writable folder",
+    }
+    for name, words in cases.items():
+        assert main(["bench", "--quick", "--json", str(tmp_path / name), "--no-progress"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert (tmp_path / "t1.nii").read_bytes() == b"an image"
+
+
 def _volume_result(device: str, preset: str, regression: float, diffusion: float) -> dict:
     row = {"nfe": 3, "how": "measured"}
     return {

@@ -393,6 +393,21 @@ def test_cli_existing_output_needs_force(tiny_model, sources, tmp_path, capsys):
     assert not lone.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [(["--steps", "5"], "--steps sets the diffusion timesteps"),
+     (["--save-samples", "--mode", "diffusion"], "--save-samples writes the ExpA samples"),
+     (["--out-dir", "elsewhere"], "--out-dir and --split are for batch mode"),
+     (["--split", "val"], "--out-dir and --split are for batch mode")],
+)  # fmt: skip
+def test_cli_refuses_options_that_would_be_ignored(
+    flags, words, tiny_model, sources, tmp_path, capsys
+):
+    assert _cli(tiny_model, sources, tmp_path / "flair.nii.gz", *flags) == 1
+    assert words in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_refuses_a_repeated_source_and_a_seed_out_of_range(
     tiny_model, sources, tmp_path, capsys
 ):

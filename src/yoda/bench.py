@@ -78,7 +78,7 @@ import torch
 import torch.utils.deterministic
 
 from yoda import __version__
-from yoda.errors import ConfigError
+from yoda.errors import ConfigError, InputError
 
 __all__ = [
     "run_bench",
@@ -1097,6 +1097,7 @@ def run_bench(
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     compile = check_compile_option(compile)
+    path = None if json_path is None else _check_json_path(Path(json_path).expanduser())
     dev = resolve_device(device)
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -1151,13 +1152,27 @@ def run_bench(
         "machine": machine,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    if json_path is not None:
+    if path is not None:
         from yoda.atomic import write_text_atomic
 
-        path = Path(json_path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _check_json_path(path: Path) -> Path:
+    """Refuse, before the bench runs, a JSON output that could not be written or that names
+    another kind of file."""
+    if path.suffix.lower() != ".json":
+        raise InputError(f"--json {path} must end in .json")
+    if path.is_dir():
+        raise InputError(f"--json {path} is a folder, expected a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--json {path}: {folder} is not a writable folder")
+    return path
 
 
 def _fmt(value: Any, unit: str = "") -> str:

@@ -156,7 +156,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n-ex must be >= 1; got {args.n_ex}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.mode == "regression" and args.steps is not None:
+        raise ConfigError("--steps sets the diffusion timesteps: give --mode diffusion or expa")
+    if args.save_samples and args.mode != "expa":
+        raise ConfigError("--save-samples writes the ExpA samples: give --mode expa")
     batch = args.data is not None
+    if not batch and (args.out_dir is not None or args.split is not None):
+        raise ConfigError("--out-dir and --split are for batch mode (--data)")
     if batch:
         if args.out_dir is None or args.out is not None or sources:
             raise ConfigError("batch mode takes --data and --out-dir (no --out, no source flags)")
