@@ -427,6 +427,16 @@ def test_cli_phantom(tmp_path, capsys):
     )
     assert rc == 0
     assert [s.split for s in read_manifest(out / "manifest.csv")] == ["train", "test", "test"]
+    assert sorted(p.name for p in (out / "sub-000").iterdir()) == sorted(
+        f"{name}.nii.gz" for name in P.SUBJECT_FILES
+    )
+    # a smaller phantom in its place leaves none of the earlier subjects' images
+    (out / "sub-002" / "notes.txt").write_text("the user's own")
+    assert main(["phantom", str(out), "--subjects", "1", "--voxel-size", "8", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.csv", "phantom.json", "sub-000", "sub-002"
+    ]  # fmt: skip
+    assert [p.name for p in (out / "sub-002").iterdir()] == ["notes.txt"]
 
 
 def test_existing_subject_files_are_not_overwritten(tmp_path):

@@ -34,8 +34,10 @@ NIfTI files and a ``manifest.csv``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -65,6 +67,8 @@ __all__ = [
 ]
 
 CONTRASTS = ("t1w", "t2w", "pd", "flair")
+#: The images of a subject's folder (``<name>.nii.gz``).
+SUBJECT_FILES = (*CONTRASTS, *(f"clean_{c}" for c in CONTRASTS), "mask", "tissue", "wmh", "wm")
 """Simulated contrasts, in manifest order."""
 
 TISSUES = ("csf", "gm", "wm", "wmh")
@@ -834,8 +838,28 @@ def make_phantom(
         "noise_range": NOISE_RANGE,
         "subjects": records,
     }
+    if overwrite:
+        _remove_earlier_subjects(out, set(ids))
     _write_json(out / "phantom.json", info)
     return write_manifest(Manifest(subjects, out.absolute()), manifest_path)
+
+
+def _remove_earlier_subjects(out: Path, keep: set[str]) -> None:
+    """Remove the files of an earlier phantom's subjects that the new one does not have (as
+    its ``phantom.json`` lists them), and their folders once empty; nothing else."""
+    try:
+        earlier = json.loads((out / "phantom.json").read_text(encoding="utf-8"))["subjects"]
+        ids = {str(record["id"]) for record in earlier}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for sid in sorted(ids - keep):
+        folder = out / sid
+        if not re.fullmatch(r"sub-\d+", sid) or not folder.is_dir() or folder.is_symlink():
+            continue
+        for name in SUBJECT_FILES:
+            (folder / f"{name}.nii.gz").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # kept if anything else is in it
 
 
 def _check_count(n_subjects) -> int:
