@@ -329,24 +329,7 @@ def test_convert_command_line(tmp_path, capsys):
     ckpt = tmp_path / "ref.pt"
     torch.save({"state_dict": _to_old_format(model.unet.state_dict())}, ckpt)
     out = tmp_path / "model"
-    code = main(
-        [
-            "convert",
-            "--checkpoint",
-            str(ckpt),
-            "--sources",
-            "T1w",
-            "--target",
-            "flair",
-            "--preset",
-            "tiny",
-            "--n-slices",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0, capsys.readouterr().err
+    assert _convert(ckpt, out, sources=("T1w",)) == 0, capsys.readouterr().err
     loaded, card = load_model(out)
     assert card.sources == ["t1w"] and card.network["preset"] == "tiny"
     assert "convert" in card.notes
