@@ -150,6 +150,16 @@ def test_batch_needs_out_dir_and_no_source_flags(tiny_model, phantom_cohort, tmp
         assert main(base + extra) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "batch mode takes --data and --out-dir" in err[0]
+    out = ["--out-dir", str(tmp_path / "o")]
+    cases = {
+        "--mask": (["--mask", "m.nii.gz"], "each subject's mask from the manifest, not --mask"),
+        "--seed": (["--seed", "-1"], "seed must be an integer from 0 to 2**64 - 1"),
+        "--steps": (["--mode", "diffusion", "--steps", "300"], "300 sampling steps exceed"),
+    }
+    for flags, words in cases.values():
+        assert main(base + out + flags) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "o").exists()
 
 
@@ -281,9 +291,12 @@ def test_outputs_of_other_settings_are_not_taken_for_finished(tmp_path):
 
     assert run().done == ["a", "b", "c"]
     (out / "b_flair.json").write_text("{not json")  # unreadable: translated again
+    (out / "c_flair.json").write_text("{}")  # another tool's, say: translated again
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = run()
-    assert again.skipped == ["a", "c"] and again.done == ["b"] and not again.failed
+    assert again.skipped == ["a"] and again.done == ["b", "c"] and not again.failed
+    assert json.loads((out / "c_flair.json").read_text())["dtype"] == "float32"
+    assert "dtype 'float32' (this run: 'uint8')" in run(dtype="uint8").failed["a"]
 
     other = run(options={"mode": "diffusion"})  # another mode: refused, outputs kept
     assert other.done == [] and other.skipped == [] and sorted(other.failed) == ["a", "b", "c"]
@@ -308,7 +321,7 @@ def test_uint8_outputs_of_a_ct_model_are_refused_before_any_work(tmp_path):
         translate_cohort(translator, stub_manifest(tmp_path, ["a"]), split="test",
                          out_dir=tmp_path / "o", options={}, dtype="uint8",
                          progress=False)  # fmt: skip
-    assert translator.calls == [] and not list((tmp_path / "o").iterdir())
+    assert translator.calls == [] and not (tmp_path / "o").exists()
     res = translate_cohort(translator, stub_manifest(tmp_path, ["a"]), split="test",
                            out_dir=tmp_path / "o", options={}, progress=False)  # fmt: skip
     assert res.done == ["a"]
@@ -499,7 +512,7 @@ def test_bad_sampling_options_fail_once_before_any_subject_is_read(
     printed = capsys.readouterr()
     errors = printed.err.strip().splitlines()
     assert len(errors) == 1 and "1001 sampling steps exceed the 251 available" in errors[0]
-    assert "translated" not in printed.out and list(out.iterdir()) == []
+    assert "translated" not in printed.out and not out.exists()
 
 
 def test_subject_seed_is_stable_and_distinct():

@@ -155,7 +155,7 @@ def test_bench_json_path_is_checked_before_the_bench_runs(tmp_path, capsys):
     cases = {
         "t1.nii": "must end in .json",
         "folder.json": "is a folder",
-        "t1.nii/x.json": "is not a writable folder",
+        "t1.nii/x.json": "its folder cannot be made or written to",
     }
     for name, words in cases.items():
         assert main(["bench", "--quick", "--json", str(tmp_path / name), "--no-progress"]) == 1

@@ -59,7 +59,9 @@ def test_an_image_given_as_data_is_named_as_such(tmp_path, capsys, name, layout)
     nib.save(nib.Nifti1Image(np.arange(64, dtype=np.float32).reshape(4, 4, 4), np.eye(4)), path)
     assert main(["check-data", "--data", str(path), *layout]) == 1
     err, _ = _error(capsys)
-    assert err.endswith(f"--data {path} is not a manifest (.csv/.json) or a dataset folder")
+    assert err.endswith(
+        f"--data {path} is not a manifest (.csv, .tsv or .json) or a dataset folder"
+    )
     assert "codec" not in err
 
 

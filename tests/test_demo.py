@@ -130,7 +130,7 @@ def test_lesions_stand_out_in_the_regression_output(demo):
     [(["--subjects", "0"], "--subjects must be >= 1"), (["--steps", "1"], "--steps must be >= 2"),
      (["--steps", "3", "--full"], "give --full or --steps"),
      (["--train", "--train-steps", "0"], "--train-steps must be >= 1"),
-     (["--seed", "-1"], "--seed must be an integer >= 0"),
+     (["--seed", "-1"], "--seed must be an integer from 0 to 2**64 - 1"),
      (["--steps", "300"], "300 sampling steps exceed the 251 available"),
      (["--steps", "300", "--train"], "300 sampling steps exceed the 251 available"),
      (["--model", "{tmp}"], "model.json"), (["--out", "{tmp}/file"], "cannot create the demo")],
@@ -180,3 +180,14 @@ def test_demo_trains_from_scratch_and_runs_the_full_sampler(tmp_path):
     assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [251]
     assert "(short preview)" not in res.report.read_text()
     assert {e["method"] for e in res.summary} >= {"regression", "diffusion"}
+
+    # run again: the trained model and its translations are reused; other steps are refused
+    kw = dict(subjects=1, voxel_size=8.0, train=True, full=True, expa_sizes=(), progress=False)
+    stamp = (res.model_dir / "model.safetensors").stat().st_mtime_ns
+    logged: list[str] = []
+    again = run_demo(tmp_path, train_steps=3, log=logged.append, **kw)
+    assert again.model_dir == res.model_dir and any("reusing the model" in m for m in logged)
+    assert (res.model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads(sidecars[0].read_text())["nfe"] == 251
+    with pytest.raises(ConfigError, match="holds another training run than 4 steps"):
+        run_demo(tmp_path, train_steps=4, log=lambda _: None, **kw)

@@ -229,6 +229,7 @@ def test_sidecar_samples_and_std(tiny_model, sources, tmp_path, capsys):
     info = json.loads((tmp_path / "flair.json").read_text())
     assert info["model"] == str(Path(tiny_model).resolve()) and info["mode"] == "expa"
     assert info["nfe"] == 4 and info["seed"] == 7 and info["n_ex"] == 2
+    assert info["dtype"] == "float32" and info["saved_samples"] == 2 and info["weights"] == "ema"
     assert info["yoda_version"] == __version__
     assert 0 < info["sampling_seconds"] <= info["seconds"]
     assert 0 < info["prepare_seconds"] <= info["seconds"] - info["sampling_seconds"]

@@ -62,3 +62,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def can_create(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (and any missing folders above it) can be created: its nearest
+    existing ancestor is a folder this process may write to."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)

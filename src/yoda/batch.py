@@ -104,18 +104,18 @@ def _stale(lock: Path) -> bool:
 
 
 def _differences(sidecar: Path, wanted: dict[str, Any]) -> str | None:
-    """How the settings a sidecar records differ from ``wanted`` ("" where they agree on every
-    key both have); None if the sidecar is missing or unreadable."""
+    """How the settings a sidecar records differ from ``wanted`` ("" where they agree); None
+    if the sidecar is missing, unreadable or lacks one of them."""
     try:
         recorded = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not recorded.keys() >= wanted.keys():
         return None
     return ", ".join(
         f"{key} {recorded[key]!r} (this run: {value!r})"
         for key, value in wanted.items()
-        if key in recorded and recorded[key] != value
+        if recorded[key] != value
     )
 
 
@@ -147,10 +147,11 @@ def translate_cohort(
     """Translate the subjects of ``manifest`` (one split, or all) into ``out_dir``.
 
     Subjects whose output and sidecar exist are skipped unless ``force``, when the sidecar
-    records this run's settings (model, target, mode, views, N_Ex, timesteps, slice correction
-    and the subject's seed). An output made with other settings fails the subject with the
-    differences as its reason, or is translated again with ``replace_other``; an output whose
-    sidecar cannot be read is translated again. Under torchrun each
+    records this run's settings (model and weights, target, mode, views, N_Ex, timesteps,
+    slice correction, the subject's seed, the output's dtype and saved samples). An output
+    made with other settings fails the subject with the differences as its reason, or is
+    translated again with ``replace_other``; an output whose sidecar cannot be read or lacks
+    one of these settings is translated again. Under torchrun each
     rank takes every world-size-th subject. A subject that fails is recorded with its reason
     and the others go on. Each subject is locked from its preparation until its output is
     written, so that runs sharing ``out_dir`` never write the same file at once.
@@ -173,6 +174,13 @@ def translate_cohort(
     if not subjects:
         splits = ", ".join(sorted(manifest.splits))
         raise InputError(f"no subjects in split {split!r} of the manifest (it has {splits})")
+    options = dict(options)
+    resample = bool(options.pop("resample", False))
+    # one error now rather than one per subject, and before the output folder is made
+    settings = translator.check_options(seed=seed, **options)
+    check_output_dtype(dtype, translator.card.normalization["method"])
+    saved = (settings.get("n_ex") or 0) if extras and settings.get("mode") == "expa" else 0
+    settings.update(dtype=dtype, saved_samples=saved)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,11 +193,6 @@ def translate_cohort(
     result = CohortResult()
     if overlap is None:
         overlap = getattr(getattr(translator, "device", None), "type", "cpu") == "cuda"
-    options = dict(options)
-    resample = bool(options.pop("resample", False))
-    # one error now rather than one per subject
-    settings = translator.check_options(**options)
-    check_output_dtype(dtype, translator.card.normalization["method"])
     bar = tqdm(total=len(mine), desc="translate", unit="subject", disable=not progress or rank != 0)
 
     def prepare(subject: Any) -> Any:

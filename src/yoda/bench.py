@@ -78,6 +78,7 @@ import torch
 import torch.utils.deterministic
 
 from yoda import __version__
+from yoda.atomic import can_create
 from yoda.errors import ConfigError, InputError
 
 __all__ = [
@@ -1167,11 +1168,8 @@ def _check_json_path(path: Path) -> Path:
         raise InputError(f"--json {path} must end in .json")
     if path.is_dir():
         raise InputError(f"--json {path} is a folder, expected a file name")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"--json {path}: {folder} is not a writable folder")
+    if not can_create(path):
+        raise InputError(f"--json {path}: its folder cannot be made or written to")
     return path
 
 

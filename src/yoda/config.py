@@ -18,6 +18,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +465,14 @@ def validate(config: TrainConfig, *, require_data: bool = True) -> TrainConfig:
         if getattr(r, key) < 0:
             raise ConfigError(f"run.{key} must be >= 0, got {getattr(r, key)}")
     return config
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as an int: an integer from 0 to 2**64 - 1, the range that the random generators
+    used here (torch's, numpy's) all accept; otherwise :class:`ConfigError`."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**64:
+        raise ConfigError(f"{name} must be an integer from 0 to 2**64 - 1; got {seed!r}")
+    return int(seed)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from yoda.errors import ConfigError, InputError, ModelError
+from yoda.errors import ConfigError, InputError, ModelError, YodaError
 
 #: The bundled model's folder inside the package (T1w + T2w -> FLAIR, phantom at 3 mm).
 BUNDLED_MODEL = "phantom-flair"
@@ -104,6 +104,7 @@ def run_demo(
         available, in fp16 there).
     """
     from yoda.batch import translate_cohort
+    from yoda.config import check_seed
     from yoda.data.manifest import read_manifest
     from yoda.data.phantom import make_phantom
     from yoda.evaluate.evaluation import evaluate
@@ -118,8 +119,7 @@ def run_demo(
         raise ConfigError("--full runs the paper's 251 timesteps; give --full or --steps")
     if train and train_steps < 1:
         raise ConfigError(f"--train-steps must be >= 1; got {train_steps}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"--seed must be an integer >= 0; got {seed!r}")
+    check_seed(seed, "--seed")
     start = time.perf_counter()
     methods = methods_for(full, steps, expa_sizes)
     # the model and every mode's options are checked before anything is written
@@ -137,6 +137,7 @@ def run_demo(
         schedule = make_schedule(ModelConfig.schedule, ModelConfig.T)
         for options in methods.values():
             timesteps_for(schedule, options.get("steps"))
+        trained = _earlier_training(Path(out_dir) / "train", train_steps)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -160,9 +161,13 @@ def run_demo(
             progress=progress,
         )
     if translator is None:
-        model = _train_from_scratch(
-            manifest_path, out / "train", train_steps, device, progress, log
-        )
+        if trained is not None:
+            model = trained
+            log(f"      reusing the model trained in {model.parent}")
+        else:
+            model = _train_from_scratch(
+                manifest_path, out / "train", train_steps, device, progress, log
+            )
         translator = Translator.load(model, device=device, precision=precision)
     log(f"[2/4] translating with {model}")
     manifest = read_manifest(manifest_path)
@@ -225,6 +230,25 @@ def _check_phantom(
             f"{found[2][0]} for training); this demo asks for {counts[2]} at {voxel_size:g} mm "
             f"(seed {seed}, {counts[0]} for training): choose another --out or remove the folder"
         )
+
+
+def _earlier_training(run_dir: Path, steps: int) -> Path | None:
+    """The model an earlier ``--train`` demo trained in ``run_dir`` for ``steps`` steps; None
+    if there is no run; refuse any other run there."""
+    from yoda.model.checkpoint import read_card
+
+    if not run_dir.exists():
+        return None
+    model = run_dir / "model"
+    try:
+        if read_card(model).steps == steps:
+            return model
+    except YodaError:
+        pass
+    raise ConfigError(
+        f"{run_dir} holds another training run than {steps} steps of --train; choose another "
+        "--out or remove the folder"
+    )
 
 
 def _train_from_scratch(

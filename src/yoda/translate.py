@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 
 from yoda import __version__
 from yoda.atomic import write_text_atomic
+from yoda.config import check_seed
 from yoda.data import io
 from yoda.data.normalize import (
     crop,
@@ -144,11 +144,12 @@ class Translation:
             raise InputError(f"output {path} must end in {', '.join(io.IMAGE_SUFFIXES)}")
         check_output_dtype(dtype, self.info.get("normalization"))
         extra: dict[Path, tuple[np.ndarray, str]] = {}
-        if extras and self.samples is not None:
+        n_saved = len(self.samples) if extras and self.samples is not None else 0
+        if n_saved:
             arrays = [(sample, dtype) for sample in self.samples]
             if self.std is not None:
                 arrays.append((self.std, "float32"))
-            paths = sample_paths(path, len(self.samples), std=self.std is not None)
+            paths = sample_paths(path, n_saved, std=self.std is not None)
             extra = dict(zip(paths, arrays, strict=True))
         targets = [path, *([io.sidecar_path(path)] if sidecar else []), *extra]
         if not overwrite:
@@ -160,21 +161,20 @@ class Translation:
         io.save_image(self.image, self.geometry, path, dtype=dtype, overwrite=overwrite)
         if sidecar:
             try:
-                write_text_atomic(targets[1], json.dumps(self.info, indent=2) + "\n")
+                record = {**self.info, "dtype": dtype, "saved_samples": n_saved}
+                write_text_atomic(targets[1], json.dumps(record, indent=2) + "\n")
             except OSError as err:
                 path.unlink(missing_ok=True)  # no image without its description
                 raise InputError(f"{targets[1]}: cannot write the sidecar: {err}") from None
         if overwrite:  # an earlier output's samples and std that this one does not replace
-            pattern = re.compile(re.escape(stem) + r"_(sample-\d+|std)" + re.escape(suffix))
-            for old in path.parent.iterdir():
-                if pattern.fullmatch(old.name) and old not in extra:
-                    old.unlink(missing_ok=True)
+            k = n_saved
+            while (old := sample_paths(path, k + 1)[-1]).exists():
+                old.unlink(missing_ok=True)
+                k += 1
+            std = sample_paths(path, 0, std=True)[0]
+            if std not in extra:
+                std.unlink(missing_ok=True)
         return path
-
-
-def _check_seed(seed: object) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ConfigError(f"seed must be an integer from 0 to 2**64 - 1; got {seed!r}")
 
 
 @contextlib.contextmanager
@@ -274,7 +274,8 @@ class Translator:
     ``cache_cond`` keeps the source slabs of every view in memory (``n`` times the sources per
     view) instead of gathering them per batch, for a gain under 1 %. ``batch_size``: network
     inputs per call; None chooses by slice size and device
-    (:func:`yoda.model.denoiser.auto_batch_size`).
+    (:func:`yoda.model.denoiser.auto_batch_size`). ``model_dir`` and ``weights`` ("ema" or
+    "raw") only describe where the model came from, for the sidecar.
     """
 
     def __init__(
@@ -286,6 +287,7 @@ class Translator:
         precision: str = "auto",
         batch_size: int | None = None,
         model_dir: str | None = None,
+        weights: str | None = None,
         channels_last: bool = False,
         flash_attention: bool | None = None,
         compile: str | bool | None = None,
@@ -305,6 +307,7 @@ class Translator:
         self.batch_size = batch_size
         self.schedule = make_schedule(card.schedule, card.T)
         self.model_dir = model_dir
+        self.weights = weights
         # what the card says of the training data (each checked here, at load)
         self.canvas = card.slab_size
         self.voxel_sizes = card.voxel_sizes
@@ -337,6 +340,7 @@ class Translator:
             precision=precision,
             batch_size=batch_size,
             model_dir=str(Path(model_dir).resolve()),
+            weights=weights,
             channels_last=channels_last,
             flash_attention=flash_attention,
             compile=compile,
@@ -379,11 +383,12 @@ class Translator:
         """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
         (arguments as there; its other options are not checked), before any subject is read.
 
-        Returns the sidecar fields these options fix (:data:`SETTINGS`): a finished output
-        whose sidecar agrees on them (and on the seed) is what :meth:`translate` would make.
+        Returns the sidecar fields these options fix (model and weights, target, mode,
+        views, N_Ex, timesteps, slice correction): a finished output whose sidecar agrees on
+        them (and on the seed) is what :meth:`translate` would make.
         """
         view_names, _ = self._check_options(mode, views, n_ex, slice_correction, steps)
-        _check_seed(seed)
+        check_seed(seed)
         return self._settings(mode, view_names, n_ex, steps, slice_correction)
 
     def translate(
@@ -435,7 +440,7 @@ class Translator:
         """
         # before reading anything
         view_names, n_total = self._check_options(mode, views, n_ex, slice_correction, steps)
-        _check_seed(seed)
+        seed = check_seed(seed)
         start = time.perf_counter()
         if isinstance(sources, PreparedSubject):
             if mask is not None or resample:
@@ -549,13 +554,14 @@ class Translator:
     def _settings(
         self, mode: str, view_names: Sequence[str], n_ex: int, steps: Any, correction: str
     ) -> dict[str, Any]:
-        """The sidecar's :data:`SETTINGS` of checked sampling options."""
+        """The sidecar fields that checked sampling options fix (see :meth:`check_options`)."""
         if mode == "regression":
             timesteps = 1
         else:
             timesteps = len(sampling.timesteps_for(self.schedule, steps))
         return {
             "model": self.model_dir,
+            "weights": self.weights,
             "target": self.card.target,
             "mode": mode,
             "views": list(view_names),

@@ -226,8 +226,7 @@ def test_manifest_without_split_gets_deterministic_splits(tmp_path):
     assert a.default_split() is None and a.split("test").drawn_splits <= a.drawn_splits
     (tmp_path / "half.csv").write_text("id,split,t1w\na,test,a.nii.gz\nb,,b.nii.gz\n")
     half = read_manifest(tmp_path / "half.csv")
-    assert half.drawn_splits == {"b"} and half.default_split() is None
-    assert half.split("test").default_split() == "test"
+    assert half.drawn_splits == {"b"} and half.default_split() == "test"  # some are given
     assert _example_manifest(tmp_path).default_split() == "test"
     # the assignment does not depend on the order of the ids
     assert assign_splits(ids, seed=7) == assign_splits(ids[::-1], seed=7)
@@ -257,6 +256,11 @@ def test_manifest_errors_are_clear(tmp_path):
     (tmp_path / "twice.csv").write_text("id,split,t1w,t2w,T1w\na,test,a.nii.gz,b.nii.gz,c.nii\n")
     with pytest.raises(InputError, match=r"twice.csv: repeated column\(s\) t1w"):
         read_manifest(tmp_path / "twice.csv")
+    for subject in ({"id": "a", "t1w": "a.nii", "T1w": "b.nii"},
+                    {"id": "a", "images": {"t1w": "a.nii", "T1w ": "b.nii"}}):  # fmt: skip
+        (tmp_path / "twice.json").write_text(json.dumps({"subjects": [subject]}))
+        with pytest.raises(InputError, match=r"repeated column\(s\) t1w"):
+            read_manifest(tmp_path / "twice.json")
     with pytest.raises(InputError, match="does not exist"):
         read_manifest(tmp_path / "missing.csv")
     (tmp_path / "binary.csv").write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")

@@ -368,6 +368,8 @@ def test_cli_summary_counts_the_subjects_left_out(cohort, tmp_path, capsys):
     nib.save(nib.Nifti1Image(data, img.affine), bad)
     code = _cli(["--pred", str(folder), "--data", str(manifest_path), "--out", str(tmp_path / "o")])
     assert code == 0
-    out = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr()
+    out = printed.out.splitlines()
     assert out[0].startswith("scored 2 of 3 subject(s) of split test (1 left out) x 1 method(s)")
     assert len(out) == 2 and out[1].startswith("left out sub-001: ") and "NaN or Inf" in out[1]
+    assert "sub-001" not in printed.err  # said once

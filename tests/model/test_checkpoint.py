@@ -417,7 +417,7 @@ def test_convert_refuses_an_output_that_is_a_file(tmp_path, capsys):
     assert _convert(ckpt, out, "--force") == 1
     assert "exists and is not a folder" in _error(capsys)
     assert _convert(ckpt, out / "sub") == 1
-    assert "is not a folder" in _error(capsys)
+    assert "its parent cannot be made or written to" in _error(capsys)
     assert out.read_text() == "keep me"
 
 

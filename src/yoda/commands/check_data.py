@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "phantom), verify every subject and report all problems at once (one line each, then a "
         "summary). Exit code 1 if any problem was found, 0 otherwise.",
     )
-    p.add_argument("--data", required=True, help="manifest file (.csv/.json) or dataset folder")
+    p.add_argument(
+        "--data", required=True, help="manifest file (.csv, .tsv or .json) or dataset folder"
+    )
     p.add_argument(
         "--layout", default="auto", choices=LAYOUTS, help="dataset layout (default: auto-detect)"
     )
@@ -66,7 +68,9 @@ def check_paths(args: argparse.Namespace) -> None:
         and data.is_file()
         and data.suffix.lower() not in MANIFEST_SUFFIXES
     ):
-        raise InputError(f"--data {data} is not a manifest (.csv/.json) or a dataset folder")
+        raise InputError(
+            f"--data {data} is not a manifest (.csv, .tsv or .json) or a dataset folder"
+        )
     if args.write_manifest is None:
         return
     out = Path(args.write_manifest).expanduser()

@@ -146,10 +146,9 @@ def check_out(out: Path, *, force: bool) -> None:
 def summary_lines(ev: Evaluation, path: Path) -> list[str]:
     """What was scored (subjects of the split, methods), what was left out and why."""
     scored = ev.scored_subjects()
-    total = len(ev.split_subjects or ev.subjects)
-    where = f"split {ev.split}" if ev.split is not None else "the manifest"
+    total = ev.n_split
     lines = [
-        f"scored {len(scored)} of {total} subject(s) of {where}"
+        f"scored {len(scored)} of {total} subject(s) of {ev.where}"
         f"{f' ({total - len(scored)} left out)' if len(scored) < total else ''} x "
         f"{len(ev.methods)} method(s) ({', '.join(ev.method_names)}) -> {path}"
     ]
@@ -210,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         )
     path = write_report(ev, out, robustness=rob)
     for note in ev.notes:
-        print(f"note: {note}", file=sys.stderr)
+        if not note.startswith("not evaluated: "):  # the summary lists those as left out
+            print(f"note: {note}", file=sys.stderr)
     print("\n".join(summary_lines(ev, path)))
     return 0

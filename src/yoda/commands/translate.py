@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     if batch:
         if args.out_dir is None or args.out is not None or sources:
             raise ConfigError("batch mode takes --data and --out-dir (no --out, no source flags)")
+        if args.mask is not None:
+            raise ConfigError("batch mode takes each subject's mask from the manifest, not --mask")
     else:
         if args.out is None:
             raise ConfigError("give --out (one subject) or --data with --out-dir (batch mode)")

@@ -489,7 +489,7 @@ def _write(img: SpatialImage, path: Path, suffix: str) -> None:
     installed (``save_image`` of a 256^3 float32 .nii.gz: 0.09 s against 0.49 s with nibabel's
     zlib), with nibabel's header fields: no file name, time stamp 0 (the same image gives the
     same bytes)."""
-    if igzip is not None and suffix.lower() in (".nii.gz", ".mgz"):
+    if igzip is not None and suffix in (".nii.gz", ".mgz"):
         with (
             open(path, "wb") as raw,
             igzip.IGzipFile(
@@ -521,7 +521,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 def _build_image(data: np.ndarray, geometry: Geometry, suffix: str) -> SpatialImage:
     src = geometry.header
     affine = geometry.affine
-    if suffix.lower() in _MGH_SUFFIXES:
+    if suffix in _MGH_SUFFIXES:
         img = nib.MGHImage(data, affine, header=MGHHeader())
         hdr = img.header
         if isinstance(src, MGHHeader):

@@ -182,9 +182,9 @@ class Manifest:
         return Manifest(subjects, self.root, self.drawn_splits & ids)
 
     def default_split(self) -> str | None:
-        """The split that translation and evaluation take by default: ``"test"`` where the
-        manifest gives every subject's split, every subject (None) where splits were drawn."""
-        return None if self.drawn_splits else "test"
+        """The split that translation and evaluation take by default: ``"test"``, or every
+        subject (None) where the manifest gives no subject's split (all were drawn)."""
+        return None if len(self.drawn_splits) == len(self.subjects) else "test"
 
     def subject(self, sid: str) -> Subject:
         """The subject with id ``sid`` (InputError if absent)."""
@@ -308,13 +308,22 @@ def _subject_from_row(row: Mapping[str, object], root: Path, where: str) -> dict
     return entry
 
 
+def _check_repeated(names: Iterable[object], where: str) -> None:
+    """Refuse names that repeat once case and surrounding spaces are ignored (the last one
+    would silently win)."""
+    keys = [str(name).strip().lower() for name in names]
+    repeated = sorted({k for k in keys if k and keys.count(k) > 1})
+    if repeated:
+        raise InputError(f"{where}: repeated column(s) {', '.join(repeated)}")
+
+
 def _subject_from_json(item: object, root: Path, where: str) -> dict:
     if not isinstance(item, Mapping):
         raise InputError(f"{where}: each subject must be a JSON object, got {type(item).__name__}")
     if "images" not in item:
-        return _subject_from_row(
-            {k: v for k, v in item.items() if not isinstance(v, (dict, list))}, root, where
-        )
+        flat = {k: v for k, v in item.items() if not isinstance(v, (dict, list))}
+        _check_repeated(flat, where)
+        return _subject_from_row(flat, root, where)
     sid = item.get("id")
     if not isinstance(sid, str) or not sid:
         raise InputError(f"{where}: a subject has no id")
@@ -323,6 +332,7 @@ def _subject_from_json(item: object, root: Path, where: str) -> dict:
         d = item.get(key) or {}
         if not isinstance(d, Mapping):
             raise InputError(f"{where}: subject {sid!r}: '{key}' must be an object of paths")
+        _check_repeated(d, f"{where}: subject {sid!r}: '{key}'")
         return {str(k).lower(): _resolve(str(v), root) for k, v in d.items() if v}
 
     mask = item.get("mask")
@@ -397,9 +407,7 @@ def read_manifest(
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         reader = csv.DictReader(_io.StringIO(text), delimiter=delimiter)
         fields = [str(f).strip().lower() for f in reader.fieldnames or []]
-        repeated = sorted({f for f in fields if f and fields.count(f) > 1})
-        if repeated:
-            raise InputError(f"{where}: repeated column(s) {', '.join(repeated)}")
+        _check_repeated(fields, where)
         if "id" not in fields:
             raise InputError(f"{where}: no 'id' column (columns: {', '.join(fields) or 'none'})")
         entries = [_subject_from_row(row, root, where) for row in reader]

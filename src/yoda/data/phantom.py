@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from yoda.atomic import write_text_atomic
+from yoda.config import check_seed
 from yoda.errors import ConfigError
 
 __all__ = [
@@ -67,9 +68,9 @@ __all__ = [
 ]
 
 CONTRASTS = ("t1w", "t2w", "pd", "flair")
+"""Simulated contrasts, in manifest order."""
 #: The images of a subject's folder (``<name>.nii.gz``).
 SUBJECT_FILES = (*CONTRASTS, *(f"clean_{c}" for c in CONTRASTS), "mask", "tissue", "wmh", "wm")
-"""Simulated contrasts, in manifest order."""
 
 TISSUES = ("csf", "gm", "wm", "wmh")
 """Tissue classes; ``wmh`` is the white-matter hyperintensity (lesion) tissue."""
@@ -583,7 +584,7 @@ def simulate_subject(seed: int, voxel_size: float = 2.0, *, jitter: float = 1.0)
     """
     import torch
 
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if not np.isfinite(jitter) or jitter < 0:
         raise ConfigError(f"jitter must be >= 0, got {jitter}")
     basis = load_basis(_check_voxel_size(voxel_size))
@@ -726,7 +727,8 @@ def _save_subject(subject: PhantomSubject, folder: Path, overwrite: bool) -> dic
     arrays["wm"] = (subject.wm.astype(np.uint8), "uint8")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, (array, dtype) in arrays.items():
+    for name in SUBJECT_FILES:  # every file the folder holds (an earlier one's are removed)
+        array, dtype = arrays[name]
         paths[name] = save_image(
             array, geom, folder / f"{name}.nii.gz", dtype=dtype, overwrite=overwrite
         )
@@ -735,12 +737,6 @@ def _save_subject(subject: PhantomSubject, folder: Path, overwrite: bool) -> dic
 
 def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
 
 
 def make_phantom(
@@ -782,7 +778,7 @@ def make_phantom(
 
     n = _check_count(n_subjects)
     v = _check_voxel_size(voxel_size)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if counts is not None:
         counts = tuple(int(c) for c in counts)
         if len(counts) != 3 or min(counts) < 0 or sum(counts) != n:

@@ -762,6 +762,16 @@ class Evaluation:
         """Method names, reference first."""
         return [m.name for m in self.methods]
 
+    @property
+    def where(self) -> str:
+        """What was evaluated, for people: "split test", or "all subjects"."""
+        return f"split {self.split}" if self.split is not None else "all subjects"
+
+    @property
+    def n_split(self) -> int:
+        """Number of subjects of the split (scored or not)."""
+        return len(self.split_subjects or self.subjects)
+
     def scored_subjects(self) -> list[str]:
         """Subjects with the scores of at least one method, in manifest order."""
         have = {r["subject"] for r in self.rows}

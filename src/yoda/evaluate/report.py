@@ -172,7 +172,7 @@ def summary_markdown(ev: Evaluation) -> str:
     """The summary (Table I) as Markdown."""
     header, body = summary_table(ev)
     lines = [
-        f"# YODA evaluation: {ev.target}, split {ev.split}, {len(ev.scored_subjects())} subjects",
+        f"# YODA evaluation: {ev.target}, {ev.where}, {len(ev.scored_subjects())} subjects",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * len(header)) + "|",
@@ -739,14 +739,13 @@ def _section(sid: str, body: Sequence[str]) -> str:
 
 def _scored_text(ev: Evaluation) -> str:
     """How many subjects of the split were scored, e.g. "2 of 3 subject(s) scored"."""
-    total = len(ev.split_subjects or ev.subjects)
-    return f"{len(ev.scored_subjects())} of {total} subject(s) scored"
+    return f"{len(ev.scored_subjects())} of {ev.n_split} subject(s) scored"
 
 
 def _overview(ev: Evaluation) -> list[str]:
     out = [
         "<p>"
-        f"Target <b>{_e(ev.target)}</b>; manifest {_e(ev.manifest)}; split {_e(ev.split)}; "
+        f"Target <b>{_e(ev.target)}</b>; manifest {_e(ev.manifest)}; {_e(ev.where)}; "
         f"{_scored_text(ev)}; reference method for the paired tests: "
         f"<b>{_e(ev.reference)}</b>.</p>"
     ]

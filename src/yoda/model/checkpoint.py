@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from yoda import __version__
-from yoda.atomic import atomic_path, write_text_atomic
+from yoda.atomic import atomic_path, can_create, write_text_atomic
 from yoda.errors import ConfigError, ModelError
 from yoda.model.network import Denoiser2p5D, NetworkConfig
 from yoda.volume.views import VIEWS
@@ -634,13 +634,8 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
                 f"output folder {out_dir} is not empty; pass --force to replace its model files"
             )
         return
-    folder = out_dir.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"cannot create {out_dir}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot create {out_dir}: {folder} is not writable")
+    if not can_create(out_dir):
+        raise ConfigError(f"cannot create {out_dir}: its parent cannot be made or written to")
 
 
 def _save_staged(out_dir: Path, model: nn.Module, ema_model: nn.Module, card: ModelCard) -> Path:
