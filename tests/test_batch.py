@@ -290,13 +290,25 @@ def test_outputs_of_other_settings_are_not_taken_for_finished(tmp_path):
                                 options=kw.pop("options", {}), progress=False, **kw)  # fmt: skip
 
     assert run().done == ["a", "b", "c"]
-    (out / "b_flair.json").write_text("{not json")  # unreadable: translated again
-    (out / "c_flair.json").write_text("{}")  # another tool's, say: translated again
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "b_flair.json").write_text("{not json")  # not ours: kept
+    record = json.loads((out / "c_flair.json").read_text())
+    del record["dtype"]  # an earlier version's sidecar, say: translated again
+    (out / "c_flair.json").write_text(json.dumps(record))
     again = run()
-    assert again.skipped == ["a"] and again.done == ["b", "c"] and not again.failed
+    assert again.skipped == ["a"] and again.done == ["c"]
+    assert again.failed == {"b": "b_flair.nii.gz exists, made with a sidecar b_flair.json that "
+                                  "yoda translate did not write; --force replaces it"}  # fmt: skip
     assert json.loads((out / "c_flair.json").read_text())["dtype"] == "float32"
     assert "dtype 'float32' (this run: 'uint8')" in run(dtype="uint8").failed["a"]
+    (out / "b_flair.json").unlink()  # an image without its sidecar: translated again
+    assert run().done == ["b"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    record["mode"] = "diffusion"  # lacks dtype and differs in mode: kept, with the difference
+    (out / "c_flair.json").write_text(json.dumps(record))
+    assert "mode 'diffusion' (this run: 'regression')" in run().failed["c"]
+    assert (out / "c_flair.nii.gz").stat().st_mtime_ns == stamps["c_flair.nii.gz"]
+    record.update(mode="regression", dtype="float32")
+    (out / "c_flair.json").write_text(json.dumps(record))
 
     other = run(options={"mode": "diffusion"})  # another mode: refused, outputs kept
     assert other.done == [] and other.skipped == [] and sorted(other.failed) == ["a", "b", "c"]

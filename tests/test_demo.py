@@ -189,5 +189,5 @@ def test_demo_trains_from_scratch_and_runs_the_full_sampler(tmp_path):
     assert again.model_dir == res.model_dir and any("reusing the model" in m for m in logged)
     assert (res.model_dir / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads(sidecars[0].read_text())["nfe"] == 251
-    with pytest.raises(ConfigError, match="holds another training run than 4 steps"):
+    with pytest.raises(ConfigError, match="holds no model trained by --train for 4 steps"):
         run_demo(tmp_path, train_steps=4, log=lambda _: None, **kw)

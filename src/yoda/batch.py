@@ -104,19 +104,28 @@ def _stale(lock: Path) -> bool:
 
 
 def _differences(sidecar: Path, wanted: dict[str, Any]) -> str | None:
-    """How the settings a sidecar records differ from ``wanted`` ("" where they agree); None
-    if the sidecar is missing, unreadable or lacks one of them."""
+    """Why the output beside ``sidecar`` is not what this run makes: the settings it records
+    that differ from ``wanted``, or that the sidecar is not one of ours; "" where it records
+    all of them alike; None (make it again) where the sidecar is missing (a run stopped
+    between the image and its sidecar) or lacks some settings but agrees on the others (an
+    earlier version's)."""
+    if not sidecar.exists():
+        return None
     try:
         recorded = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    if not isinstance(recorded, dict) or not recorded.keys() >= wanted.keys():
-        return None
-    return ", ".join(
-        f"{key} {recorded[key]!r} (this run: {value!r})"
-        for key, value in wanted.items()
-        if recorded[key] != value
+        recorded = None
+    present = [key for key in wanted if isinstance(recorded, dict) and key in recorded]
+    if not present:
+        return f"a sidecar {sidecar.name} that yoda translate did not write"
+    differences = ", ".join(
+        f"{key} {recorded[key]!r} (this run: {wanted[key]!r})"
+        for key in present
+        if recorded[key] != wanted[key]
     )
+    if not differences and len(present) < len(wanted):
+        return None
+    return differences
 
 
 @dataclass
@@ -149,9 +158,10 @@ def translate_cohort(
     Subjects whose output and sidecar exist are skipped unless ``force``, when the sidecar
     records this run's settings (model and weights, target, mode, views, N_Ex, timesteps,
     slice correction, the subject's seed, the output's dtype and saved samples). An output
-    made with other settings fails the subject with the differences as its reason, or is
-    translated again with ``replace_other``; an output whose sidecar cannot be read or lacks
-    one of these settings is translated again. Under torchrun each
+    made with other settings, or whose sidecar is not one of ours, fails the subject with the
+    reason, or is translated again with ``replace_other``; an output without a sidecar, or
+    whose sidecar lacks some settings but agrees on the others, is translated again. Under
+    torchrun each
     rank takes every world-size-th subject. A subject that fails is recorded with its reason
     and the others go on. Each subject is locked from its preparation until its output is
     written, so that runs sharing ``out_dir`` never write the same file at once.

@@ -246,8 +246,8 @@ def _earlier_training(run_dir: Path, steps: int) -> Path | None:
     except YodaError:
         pass
     raise ConfigError(
-        f"{run_dir} holds another training run than {steps} steps of --train; choose another "
-        "--out or remove the folder"
+        f"{run_dir} holds no model trained by --train for {steps} steps (another or an "
+        "unfinished run); choose another --out or remove the folder"
     )
 
 

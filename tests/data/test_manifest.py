@@ -256,10 +256,12 @@ def test_manifest_errors_are_clear(tmp_path):
     (tmp_path / "twice.csv").write_text("id,split,t1w,t2w,T1w\na,test,a.nii.gz,b.nii.gz,c.nii\n")
     with pytest.raises(InputError, match=r"twice.csv: repeated column\(s\) t1w"):
         read_manifest(tmp_path / "twice.csv")
-    for subject in ({"id": "a", "t1w": "a.nii", "T1w": "b.nii"},
-                    {"id": "a", "images": {"t1w": "a.nii", "T1w ": "b.nii"}}):  # fmt: skip
-        (tmp_path / "twice.json").write_text(json.dumps({"subjects": [subject]}))
-        with pytest.raises(InputError, match=r"repeated column\(s\) t1w"):
+    for subject in ('{"id": "a", "t1w": "a.nii", "T1w": "b.nii"}',
+                    '{"id": "a", "t1w": "a.nii", "t1w": "b.nii"}',
+                    '{"id": "a", "images": {"t1w": "a.nii", "T1w ": "b.nii"}}',
+                    '{"id": "a", "images": {"t1w": "a.nii", "t1w": "b.nii"}}'):  # fmt: skip
+        (tmp_path / "twice.json").write_text('{"subjects": [' + subject + "]}")
+        with pytest.raises(InputError, match=r"twice.json: repeated key\(s\) t1w"):
             read_manifest(tmp_path / "twice.json")
     with pytest.raises(InputError, match="does not exist"):
         read_manifest(tmp_path / "missing.csv")

@@ -323,6 +323,15 @@ def _cli(args: list[str]) -> int:
     return main(["evaluate", *args, "--no-progress"])
 
 
+def test_cli_refuses_a_negative_seed_before_any_work(cohort, tmp_path, capsys):
+    manifest_path, _, pred = cohort
+    args = ["--pred", str(pred / "regression"), "--data", str(manifest_path), "--seed", "-1"]
+    assert _cli([*args, "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seed must be an integer from 0 to 2**64 - 1" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_refuses_a_folder_with_other_files_or_a_report_without_force(
     report, cohort, tmp_path, capsys
 ):

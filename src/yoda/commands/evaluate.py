@@ -158,6 +158,9 @@ def summary_lines(ev: Evaluation, path: Path) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``yoda evaluate``."""
+    from yoda.config import check_seed
+
+    check_seed(args.seed, "--seed")
     preds = parse_pred(args.pred)
     out = Path(args.out)
     check_out(out, force=args.force)
@@ -208,8 +211,12 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     path = write_report(ev, out, robustness=rob)
+    left_out = ev.left_out()
     for note in ev.notes:
-        if not note.startswith("not evaluated: "):  # the summary lists those as left out
-            print(f"note: {note}", file=sys.stderr)
+        if note.startswith("not evaluated: "):  # the summary names the left-out ones
+            key = note.removeprefix("not evaluated: ").split(": ")[0]
+            if {key, key.split(" ")[0]} & left_out.keys():
+                continue
+        print(f"note: {note}", file=sys.stderr)
     print("\n".join(summary_lines(ev, path)))
     return 0

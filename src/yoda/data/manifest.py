@@ -17,9 +17,10 @@ import io as _io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -308,13 +309,23 @@ def _subject_from_row(row: Mapping[str, object], root: Path, where: str) -> dict
     return entry
 
 
-def _check_repeated(names: Iterable[object], where: str) -> None:
+def _check_repeated(names: Iterable[object], where: str, what: str = "column") -> None:
     """Refuse names that repeat once case and surrounding spaces are ignored (the last one
     would silently win)."""
     keys = [str(name).strip().lower() for name in names]
     repeated = sorted({k for k in keys if k and keys.count(k) > 1})
     if repeated:
-        raise InputError(f"{where}: repeated column(s) {', '.join(repeated)}")
+        raise InputError(f"{where}: repeated {what}(s) {', '.join(repeated)}")
+
+
+def _unique_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json.loads`` hook that refuses an object with a repeated key (case aside)."""
+
+    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        _check_repeated((key for key, _ in pairs), where, "key")
+        return dict(pairs)
+
+    return pairs_to_dict
 
 
 def _subject_from_json(item: object, root: Path, where: str) -> dict:
@@ -322,7 +333,6 @@ def _subject_from_json(item: object, root: Path, where: str) -> dict:
         raise InputError(f"{where}: each subject must be a JSON object, got {type(item).__name__}")
     if "images" not in item:
         flat = {k: v for k, v in item.items() if not isinstance(v, (dict, list))}
-        _check_repeated(flat, where)
         return _subject_from_row(flat, root, where)
     sid = item.get("id")
     if not isinstance(sid, str) or not sid:
@@ -332,7 +342,6 @@ def _subject_from_json(item: object, root: Path, where: str) -> dict:
         d = item.get(key) or {}
         if not isinstance(d, Mapping):
             raise InputError(f"{where}: subject {sid!r}: '{key}' must be an object of paths")
-        _check_repeated(d, f"{where}: subject {sid!r}: '{key}'")
         return {str(k).lower(): _resolve(str(v), root) for k, v in d.items() if v}
 
     mask = item.get("mask")
@@ -390,13 +399,13 @@ def read_manifest(
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise InputError(f"manifest {path} is not a text manifest (.csv or .json)") from None
+        raise InputError(f"manifest {path} is not a text manifest (.csv, .tsv or .json)") from None
     except OSError as exc:
         raise InputError(f"manifest {path} cannot be read: {exc}") from None
     where = f"manifest {path}"
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys(where))
         except json.JSONDecodeError as exc:
             raise InputError(f"{where} is not valid JSON: {exc}") from None
         items = data.get("subjects") if isinstance(data, Mapping) else data

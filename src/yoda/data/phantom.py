@@ -727,7 +727,7 @@ def _save_subject(subject: PhantomSubject, folder: Path, overwrite: bool) -> dic
     arrays["wm"] = (subject.wm.astype(np.uint8), "uint8")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name in SUBJECT_FILES:  # every file the folder holds (an earlier one's are removed)
+    for name in SUBJECT_FILES:
         array, dtype = arrays[name]
         paths[name] = save_image(
             array, geom, folder / f"{name}.nii.gz", dtype=dtype, overwrite=overwrite
