@@ -163,6 +163,29 @@ def test_batch_needs_out_dir_and_no_source_flags(tiny_model, phantom_cohort, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_a_batch_rerun_with_saved_samples_skips_and_one_asking_for_them_does_not(
+    tiny_model, phantom_cohort, tmp_path, capsys
+):
+    folder = phantom_cohort.parent / "sub-004"
+    manifest = write_manifest(tmp_path / "one.csv", [subject_row("a", folder)])
+    out = tmp_path / "out"
+    args = ["translate", "--model", str(tiny_model), "--data", str(manifest), "--views", "axial",
+            "--out-dir", str(out), "--mode", "expa", "--n-ex", "2", "--steps", "2",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0  # no samples saved
+    capsys.readouterr()
+    assert main([*args, "--save-samples"]) == 1  # the output lacks what this run asks for
+    assert "saved_samples 0 (this run: 2)" in capsys.readouterr().err
+    assert main([*args, "--save-samples", "--force"]) == 0
+    assert json.loads((out / "a_flair.json").read_text())["saved_samples"] == 2
+    assert main([*args, "--save-samples"]) == 0
+    assert "translated 0, skipped 1" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_flair.json", "a_flair.nii.gz", "a_flair_sample-1.nii.gz", "a_flair_sample-2.nii.gz",
+        "a_flair_std.nii.gz",
+    ]  # fmt: skip
+
+
 def test_a_manifest_without_splits_is_translated_whole(
     tiny_model, phantom_cohort, tmp_path, capsys
 ):
