@@ -149,7 +149,9 @@ class Translation:
             arrays = [(sample, dtype) for sample in self.samples]
             if self.std is not None:
                 arrays.append((self.std, "float32"))
-            paths = sample_paths(path, n_saved, std=self.std is not None)
+            paths = [extra_path(path, f"sample-{k + 1}") for k in range(n_saved)]
+            if self.std is not None:
+                paths.append(extra_path(path, "std"))
             extra = dict(zip(paths, arrays, strict=True))
         targets = [path, *([io.sidecar_path(path)] if sidecar else []), *extra]
         if not overwrite:
@@ -168,12 +170,11 @@ class Translation:
                 raise InputError(f"{targets[1]}: cannot write the sidecar: {err}") from None
         if overwrite:  # an earlier output's samples and std that this one does not replace
             k = n_saved
-            while (old := sample_paths(path, k + 1)[-1]).exists():
+            while (old := extra_path(path, f"sample-{k + 1}")).exists():
                 old.unlink(missing_ok=True)
                 k += 1
-            std = sample_paths(path, 0, std=True)[0]
-            if std not in extra:
-                std.unlink(missing_ok=True)
+            if extra_path(path, "std") not in extra:
+                extra_path(path, "std").unlink(missing_ok=True)
         return path
 
 
@@ -195,13 +196,13 @@ def _memory_error(mode: str, n_ex: int, shape: Sequence[int]) -> Iterator[None]:
         raise InputError(f"not enough memory to sample {what} of {size} voxels; {hint}") from None
 
 
-def sample_paths(path: str | os.PathLike, n_samples: int, *, std: bool = False) -> list[Path]:
-    """Where :meth:`Translation.save` writes ExpA samples (and their std) beside ``path``:
-    ``flair.nii.gz`` -> ``flair_sample-1.nii.gz``, ..., ``flair_std.nii.gz``."""
+def extra_path(path: str | os.PathLike, label: str) -> Path:
+    """Where :meth:`Translation.save` writes an ExpA sample or their std beside ``path``:
+    ``flair.nii.gz`` and ``"sample-1"`` -> ``flair_sample-1.nii.gz``; ``"std"`` ->
+    ``flair_std.nii.gz``."""
     path = Path(path)
     stem, suffix = io.split_image_suffix(path)
-    out = [path.with_name(f"{stem}_sample-{k + 1}{suffix}") for k in range(n_samples)]
-    return out + [path.with_name(f"{stem}_std{suffix}")] if std else out
+    return path.with_name(f"{stem}_{label}{suffix}")
 
 
 def check_output_dtype(dtype: str, normalization: str | None) -> None:
@@ -387,9 +388,9 @@ class Translator:
         views, N_Ex, timesteps, slice correction): a finished output whose sidecar agrees on
         them (and on the seed) is what :meth:`translate` would make.
         """
-        view_names, _ = self._check_options(mode, views, n_ex, slice_correction, steps)
+        view_names, n_total = self._check_options(mode, views, n_ex, slice_correction, steps)
         check_seed(seed)
-        return self._settings(mode, view_names, n_ex, steps, slice_correction)
+        return self._settings(mode, view_names, n_ex, n_total, slice_correction)
 
     def translate(
         self,
@@ -498,7 +499,7 @@ class Translator:
             std = samples.std(axis=0).astype(np.float32)
         info = {
             "sources": self.card.sources,
-            **self._settings(mode, view_names, n_ex, steps, slice_correction),
+            **self._settings(mode, view_names, n_ex, n_total, slice_correction),
             "T": self.schedule.T,
             "normalization": self.card.normalization["method"],
             "nfe": int(res.nfe),
@@ -552,13 +553,10 @@ class Translator:
         )
 
     def _settings(
-        self, mode: str, view_names: Sequence[str], n_ex: int, steps: Any, correction: str
+        self, mode: str, view_names: Sequence[str], n_ex: int, n_total: int, correction: str
     ) -> dict[str, Any]:
-        """The sidecar fields that checked sampling options fix (see :meth:`check_options`)."""
-        if mode == "regression":
-            timesteps = 1
-        else:
-            timesteps = len(sampling.timesteps_for(self.schedule, steps))
+        """The sidecar fields that checked sampling options fix (see :meth:`check_options`);
+        ``n_total`` is :meth:`_check_options`' count of evaluations per trajectory."""
         return {
             "model": self.model_dir,
             "weights": self.weights,
@@ -566,7 +564,7 @@ class Translator:
             "mode": mode,
             "views": list(view_names),
             "n_ex": n_ex if mode == "expa" else None,
-            "timesteps": timesteps,
+            "timesteps": 1 if mode == "regression" else n_total,  # regression: t = T-1 per view
             "slice_correction": correction,
         }
 

@@ -212,11 +212,13 @@ def run(args: argparse.Namespace) -> int:
         )
     path = write_report(ev, out, robustness=rob)
     left_out = ev.left_out()
+    named = {  # the notes of failures that the summary names as left out
+        f"not evaluated: {key}: {reason}"
+        for key, reason in ev.failed.items()
+        if {key, key.split(" ")[0]} & left_out.keys()
+    }
     for note in ev.notes:
-        if note.startswith("not evaluated: "):  # the summary names the left-out ones
-            key = note.removeprefix("not evaluated: ").split(": ")[0]
-            if {key, key.split(" ")[0]} & left_out.keys():
-                continue
-        print(f"note: {note}", file=sys.stderr)
+        if note not in named:
+            print(f"note: {note}", file=sys.stderr)
     print("\n".join(summary_lines(ev, path)))
     return 0

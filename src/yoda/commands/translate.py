@@ -130,13 +130,14 @@ def _check_output(out: Path, *, force: bool, samples: int) -> None:
     """Refuse an output (with its sidecar and ``samples`` ExpA samples and their std) that
     cannot be written before any work is done."""
     from yoda.data.io import IMAGE_SUFFIXES, sidecar_path, split_image_suffix
-    from yoda.translate import sample_paths
+    from yoda.translate import extra_path
 
     if not split_image_suffix(out)[1]:
         raise InputError(f"output {out} must end in {', '.join(IMAGE_SUFFIXES)}")
     if out.is_dir():
         raise InputError(f"output {out} is a directory, expected a file name")
-    extras = sample_paths(out, samples, std=True) if samples else []
+    labels = [f"sample-{k + 1}" for k in range(samples)] + (["std"] if samples else [])
+    extras = [extra_path(out, label) for label in labels]
     for path in (out, sidecar_path(out), *extras):
         if path.exists() and not force:
             raise InputError(f"{path} exists; pass --force to overwrite it")
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.out is None:
             raise ConfigError("give --out (one subject) or --data with --out-dir (batch mode)")
-        samples = args.n_ex if args.save_samples and args.mode == "expa" else 0
+        samples = args.n_ex if args.save_samples else 0  # --save-samples is refused outside ExpA
         _check_output(Path(args.out), force=args.force, samples=samples)
 
     from yoda.translate import Translator, check_output_dtype
