@@ -44,7 +44,9 @@ class StubTranslator:
     """Stands for a Translator: records calls and returns a small constant image."""
 
     def __init__(self, device: str = "cpu") -> None:
-        self.card = SimpleNamespace(target="flair", normalization={"method": "tissue"})
+        self.card = SimpleNamespace(
+            target="flair", normalization={"method": "tissue"}, target_normalization="tissue"
+        )
         self.sources = ["t1w", "t2w"]
         self.device = SimpleNamespace(type=device)  # cuda: the cohort overlaps its stages
         self.calls: list[dict] = []
@@ -351,7 +353,7 @@ def test_outputs_of_other_settings_are_not_taken_for_finished(tmp_path):
 
 def test_uint8_outputs_of_a_ct_model_are_refused_before_any_work(tmp_path):
     translator = StubTranslator()
-    translator.card.normalization = {"method": "ct"}
+    translator.card.target_normalization = "ct"
     with pytest.raises(ConfigError, match="Hounsfield"):
         translate_cohort(translator, stub_manifest(tmp_path, ["a"]), split="test",
                          out_dir=tmp_path / "o", options={}, dtype="uint8",

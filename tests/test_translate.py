@@ -475,12 +475,21 @@ def test_saving_over_an_output_needs_overwrite(translator, sources, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flair.json", "flair.nii.gz"]
 
 
-def test_ct_models_refuse_uint8_outputs(tiny_model, sources, tmp_path, capsys):
-    """0..255 cannot hold Hounsfield units: refused before any work, and by ``save``."""
+@pytest.mark.parametrize(
+    ("target", "normalization"),
+    [("flair", {"method": "ct"}), ("ct", {"method": "tissue", "modalities": {"ct": "ct"}})],
+)
+def test_ct_models_write_hounsfield_units_and_refuse_uint8(
+    tiny_model, sources, tmp_path, capsys, target, normalization
+):
+    """A target on the CT window (the normalization, or a target named ct under the default
+    tissue normalization) comes out in HU. 0..255 cannot hold them: uint8 is refused before
+    any work, and by ``save``."""
     ct = tmp_path / "ct-model"
     shutil.copytree(tiny_model, ct)
     card = json.loads((ct / "model.json").read_text())
-    card["normalization"] = {"method": "ct"}
+    card["normalization"] = normalization
+    card["target"] = target
     (ct / "model.json").write_text(json.dumps(card))
     out = tmp_path / "out" / "ct.nii.gz"
     out.parent.mkdir()
@@ -494,6 +503,7 @@ def test_ct_models_refuse_uint8_outputs(tiny_model, sources, tmp_path, capsys):
     assert list(out.parent.iterdir()) == []
     res.save(out)
     assert nib.load(out).get_data_dtype() == np.float32
+    assert json.loads(out.with_name("ct.json").read_text())["normalization"] == "ct"
 
 
 def test_the_network_sees_the_training_canvas(tiny_model, sources, tmp_path):

@@ -188,7 +188,7 @@ def translate_cohort(
     resample = bool(options.pop("resample", False))
     # one error now rather than one per subject, and before the output folder is made
     settings = translator.check_options(seed=seed, **options)
-    check_output_dtype(dtype, translator.card.normalization["method"])
+    check_output_dtype(dtype, translator.card.target_normalization)
     saved = (settings.get("n_ex") or 0) if extras and settings.get("mode") == "expa" else 0
     settings.update(dtype=dtype, saved_samples=saved)
     out_dir = Path(out_dir)

@@ -193,7 +193,7 @@ def run_demo(
         pred_dirs,
         manifest,
         split="test",
-        normalization=translator.card.normalization["method"],
+        normalization=translator.card.target_normalization,
         progress=progress,
     )
     log("[4/4] writing the report")

@@ -501,7 +501,7 @@ class Translator:
             "sources": self.card.sources,
             **self._settings(mode, view_names, n_ex, n_total, slice_correction),
             "T": self.schedule.T,
-            "normalization": self.card.normalization["method"],
+            "normalization": self.card.target_normalization,
             "nfe": int(res.nfe),
             "seed": int(seed),
             "slice_correction": slice_correction,
@@ -601,7 +601,7 @@ class Translator:
             x255 = np.asarray(slice_correction(x255, method=correction, mask=roi_mask))
         x255 = x255.astype(np.float32, copy=False)
         full = uncrop(x255, prep.bbox, prep.geometry.canonical_shape, fill=0.0)
-        if self.card.normalization["method"] == "ct":
+        if self.card.target_normalization == "ct":
             # the CT window is fixed, so the 0-255 scale maps back to Hounsfield units
             full = invert_intensity(full, fit_intensity(full, method="ct"))
         return full.astype(np.float32, copy=False)

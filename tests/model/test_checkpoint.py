@@ -187,6 +187,30 @@ def test_bad_model_cards(model_dir, change, message):
         load_model(directory)
 
 
+@pytest.mark.parametrize(
+    ("target", "normalization", "expected"),
+    [
+        ("flair", {"method": "tissue"}, "tissue"),
+        ("flair", {"method": "ct"}, "ct"),
+        ("ct", {"method": "tissue"}, "ct"),  # a CT target is on the CT window by default
+        ("ct", {"method": "tissue", "modalities": {"ct": "ct"}}, "ct"),
+        ("ct", {"method": "percentile", "modalities": {"ct": "tissue"}}, "tissue"),
+    ],
+)
+def test_target_normalization_resolves_the_target(target, normalization, expected):
+    assert _card(target=target, normalization=normalization).target_normalization == expected
+
+
+def test_card_with_an_unknown_target_normalization_is_refused(model_dir):
+    directory, _, _ = model_dir
+    path = directory / CARD_FILE
+    data = json.loads(path.read_text())
+    data["normalization"] = {"method": "tissue", "modalities": {data["target"]: "zscore"}}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="'zscore'"):
+        read_card(directory)
+
+
 def test_card_missing_key_and_not_json(model_dir):
     directory, _, _ = model_dir
     path = directory / CARD_FILE

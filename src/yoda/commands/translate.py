@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
     )
-    check_output_dtype(args.dtype, translator.card.normalization["method"])
+    check_output_dtype(args.dtype, translator.card.target_normalization)
     options = dict(
         mode=args.mode,
         n_ex=args.n_ex,

@@ -33,6 +33,7 @@ from torch import nn
 
 from yoda import __version__
 from yoda.atomic import atomic_path, can_create, write_text_atomic
+from yoda.data.subject import resolve_normalization
 from yoda.errors import ConfigError, ModelError
 from yoda.model.network import Denoiser2p5D, NetworkConfig
 from yoda.volume.views import VIEWS
@@ -125,6 +126,15 @@ class ModelCard:
             raise ModelError(f"model card: invalid network configuration: {exc}") from None
 
     @property
+    def target_normalization(self) -> str:
+        """The intensity method of the target (a target named ``ct`` uses the CT window unless
+        the card says otherwise): the scale of the network's output."""
+        try:
+            return resolve_normalization(self.normalization, [self.target])[self.target]["method"]
+        except ConfigError as exc:
+            raise ModelError(f"model card: {exc}") from None
+
+    @property
     def slab_size(self) -> tuple[int, int] | None:
         """In-plane size (H, W) of the training slabs, or None where the card does not say
         (e.g. converted checkpoints)."""
@@ -215,6 +225,7 @@ class ModelCard:
         if not card.sources or "method" not in card.normalization:
             raise ModelError(f"{origin}: needs at least one source and a normalization method")
         _ = card.network_config  # validates the network description
+        _ = card.target_normalization  # and the normalization methods
         return card
 
 
