@@ -24,6 +24,7 @@ from yoda.data.io import (
     Geometry,
     check_same_grid,
     copy_in_order,
+    field_of_view,
     load_image,
     read_voxel_size,
     resample_like,
@@ -704,6 +705,35 @@ def test_resample_like_identity_and_integer_shift():
     assert np.all(out[-1] == 0)
     with pytest.raises(InputError):
         resample_like(arr[:-1], geom, geom)
+
+
+def _oblique(degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    rot = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    return rot @ _ras_affine()
+
+
+def test_resampling_onto_its_own_oblique_grid_keeps_every_voxel():
+    """inv(A) @ A of an oblique A is an identity only up to rounding; the border voxels must
+    not fall outside the volume for it."""
+    for deg in (1.0, 3.0, 4.7):
+        geom = _geom(_oblique(deg), (9, 11, 7))
+        arr = _random((9, 11, 7))
+        assert np.array_equal(resample_like(arr, geom, geom), arr)
+        assert field_of_view(geom, geom).all()
+
+
+def test_field_of_view_reaches_half_a_voxel_beyond_the_outer_centres():
+    shape = (10, 12, 8)
+    geom = _geom(_ras_affine(), shape)
+    for frac, covered in ((0.4, 9), (0.6, 8)):  # shift of the destination grid, in voxels
+        moved = _ras_affine()
+        moved[0, 3] += frac * moved[0, 0] + moved[0, 0]  # 1 + frac voxels along x
+        inside = field_of_view(geom, _geom(moved, shape))
+        assert inside.shape == shape
+        assert inside.all(axis=(1, 2)).sum() == covered and not inside[covered:].any()
+        out = resample_like(np.ones(shape, np.float32), geom, _geom(moved, shape), cval=-5.0)
+        assert np.all(out[inside] == 1.0) and np.all(out[~inside] == -5.0)
 
 
 def test_reading_in_threads_restores_the_nibabel_logger(tmp_path):

@@ -51,6 +51,7 @@ __all__ = [
     "check_same_grid",
     "copy_in_order",
     "load_image",
+    "field_of_view",
     "read_voxel_size",
     "resample_like",
     "save_image",
@@ -63,6 +64,10 @@ OUTPUT_DTYPES = ("float32", "uint8")
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 """File name endings of the formats :func:`save_image` writes (lower case, as nibabel's)."""
+
+FOV_TOLERANCE = 1e-4
+"""Voxels (of the source grid) by which resampling forgives rounding: a destination voxel this
+close to a source voxel centre, or to the edge of the source's field of view, is on it."""
 
 _MGH_SUFFIXES = (".mgz", ".mgh")
 _DEFLATE_MAX_RATIO = 1032
@@ -611,6 +616,32 @@ def check_same_grid(geoms: dict[str, Geometry], atol: float = 1e-4) -> None:
             )
 
 
+def _to_source_voxels(geom_from: Geometry, geom_to: Geometry) -> np.ndarray:
+    """4x4 map from the destination's canonical voxels to the source's (through the world)."""
+    mat = np.linalg.inv(geom_from.canonical_affine) @ geom_to.canonical_affine
+    # an identity up to rounding (e.g. inv(A) @ A of an oblique A) is exact
+    return np.where(np.abs(mat - np.round(mat)) < FOV_TOLERANCE, np.round(mat), mat)
+
+
+def field_of_view(geom_from: Geometry, geom_to: Geometry) -> np.ndarray:
+    """Voxels of ``geom_to``'s canonical grid whose centres lie inside the volume that
+    ``geom_from`` images: within half a voxel of its outermost voxel centres.
+
+    Returns
+    -------
+    bool canonical array of shape ``geom_to.canonical_shape``.
+    """
+    mat = _to_source_voxels(geom_from, geom_to)
+    inside = np.ones(geom_to.canonical_shape, dtype=bool)
+    axes = [np.arange(n, dtype=np.float64) for n in geom_to.canonical_shape]
+    for a, n in enumerate(geom_from.canonical_shape):
+        coord = mat[a, 3] + sum(
+            (mat[a, b] * axes[b]).reshape([-1 if c == b else 1 for c in range(3)]) for b in range(3)
+        )
+        inside &= (coord >= -0.5 - FOV_TOLERANCE) & (coord <= n - 0.5 + FOV_TOLERANCE)
+    return inside
+
+
 def resample_like(
     array: np.ndarray,
     geom_from: Geometry,
@@ -618,6 +649,7 @@ def resample_like(
     order: int = 1,
     *,
     cval: float = 0.0,
+    inside: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resample a canonical array from one image's grid onto another's.
 
@@ -626,7 +658,9 @@ def resample_like(
     array : canonical array on the grid of ``geom_from``.
     geom_from, geom_to : source and destination geometries (their canonical affines are used).
     order : spline order (1 = linear, 0 = nearest, 3 = cubic).
-    cval : value for points outside the source volume.
+    cval : value for points outside the source's field of view (:func:`field_of_view`);
+        points inside it but beyond the outermost voxel centres take the nearest edge value.
+    inside : the :func:`field_of_view` of the two grids, where it is already at hand.
 
     Returns
     -------
@@ -641,15 +675,17 @@ def resample_like(
     if order not in range(6):
         raise ConfigError(f"resampling order {order} must be an integer in 0..5")
     # Destination voxel -> world -> source voxel.
-    mat = np.linalg.inv(geom_from.canonical_affine) @ geom_to.canonical_affine
+    mat = _to_source_voxels(geom_from, geom_to)
     out = ndimage.affine_transform(
         array,
         mat[:3, :3],
         offset=mat[:3, 3],
         output_shape=geom_to.canonical_shape,
         order=order,
-        mode="constant",
-        cval=cval,
+        mode="nearest",
         prefilter=order > 1,
     )
+    if inside is None:
+        inside = field_of_view(geom_from, geom_to)
+    out[~inside] = cval
     return out.astype(np.float32, copy=False)

@@ -133,7 +133,9 @@ def prepare_subject(
     mask : path, image or (array, affine), optional
         Brain mask (voxels > 0.5 are inside).
     resample : bool
-        Resample images (and mask) onto the reference grid instead of refusing other grids.
+        Resample images (and mask) on other grids onto the reference grid instead of refusing
+        them. Where a resampled image images nothing (outside its field of view) it is
+        background, and its intensities are fitted on the mask voxels it covers.
     margins : (x, y, z) voxels
         ROI margins around the mask's bounding box.
     label : str
@@ -168,20 +170,32 @@ def prepare_subject(
                     f"{prefix}{name} ({geoms[name].label}): the image is constant (every voxel "
                     f"is {low:.4g}); there is nothing to translate"
                 )
+    # images resampled onto the reference grid -> the voxels they imaged
+    imaged: dict[str, np.ndarray] = {}
     try:
         io.check_same_grid(geoms)
     except InputError:
         if not resample:
             raise
         for name, geom in geoms.items():
-            if name != reference:
-                order = 0 if name == "mask" else 1
-                arrays[name] = io.resample_like(arrays[name], geom, geoms[reference], order=order)
-                if name != "mask" and not arrays[name].max() > arrays[name].min():
-                    raise InputError(
-                        f"{prefix}{name} ({geom.label}): resampled onto the grid of "
-                        f"{reference}, it is constant; do the images overlap?"
-                    ) from None
+            try:
+                io.check_same_grid({reference: geoms[reference], name: geom})
+                continue
+            except InputError:
+                pass
+            inside = io.field_of_view(geom, geoms[reference])
+            order = 0 if name == "mask" else 1
+            arrays[name] = io.resample_like(
+                arrays[name], geom, geoms[reference], order=order, inside=inside
+            )
+            if name == "mask":
+                continue
+            imaged[name] = inside
+            if not arrays[name][inside].max(initial=0.0) > arrays[name][inside].min(initial=0.0):
+                raise InputError(
+                    f"{prefix}{name} ({geom.label}): resampled onto the grid of "
+                    f"{reference}, it is constant; do the images overlap?"
+                ) from None
     if mask is None:
         brain = foreground_mask(arrays[reference], name=prefix + reference)
         mask_source = f"foreground:{reference}"
@@ -197,8 +211,14 @@ def prepare_subject(
 
     def normalize(c: int, name: str) -> Intensity:
         label = f"{prefix}{name} ({geoms[name].label})"
-        inten = fit_intensity(arrays[name], brain, name=label, **norm[name])
+        inside = imaged.get(name)
+        within = brain if inside is None else brain & inside
+        if not within.any():
+            raise InputError(f"{label}: it does not image any voxel of the mask")
+        inten = fit_intensity(arrays[name], within, name=label, **norm[name])
         data[c] = to_network(apply_intensity(crop(arrays[name], bbox), inten))
+        if inside is not None:  # what the image does not cover is background
+            data[c][~crop(inside, bbox)] = -1.0
         return inten
 
     # one thread per image, as for reading; the first image's error is raised first
