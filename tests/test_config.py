@@ -156,6 +156,12 @@ def test_override_type_checks_and_unknown_keys():
         ({"optim.high_t_share": 1.5}, "high_t_share"),
         ({"model.init": "/nonexistent/model"}, "not a model directory"),
         ({"optim.lr": 0.0}, "optim.lr"),
+        ({"optim.lr": "inf"}, "optim.lr must be a finite number"),
+        ({"optim.lr": float("nan")}, "optim.lr must be a finite number"),
+        ({"optim.lr_final": "inf"}, "optim.lr_final must be a finite number"),
+        ({"optim.lr_final": float("-inf")}, "optim.lr_final must be a finite number"),
+        ({"run.seed": -1}, r"run\.seed must be an integer from 0 to 2\*\*64 - 1; got -1"),
+        ({"run.seed": 2**64}, r"run\.seed must be an integer from 0 to 2\*\*64 - 1"),
         ({"run.device": "gpu"}, "run.device"),
         ({"run.device": "cuda:x"}, "run.device"),
         ({"run.precision": "fp8"}, "run.precision"),
@@ -171,6 +177,10 @@ def test_required_fields():
     with pytest.raises(ConfigError, match="data.manifest is required"):
         validate(TrainConfig())
     validate(_complete())  # complete config passes
+
+
+def test_extreme_valid_seed_and_learning_rates_pass():
+    validate(_complete(**{"run.seed": 2**64 - 1, "optim.lr": 1e3, "optim.lr_final": 0.0}))
 
 
 def test_parse_device():

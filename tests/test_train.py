@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -303,6 +305,118 @@ def test_run_directory_is_not_reused_without_resume(phantom_cohort, cache_dir, t
     train(cfg, progress=False)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("log_every", [1, 100], ids=["at-a-log-step", "at-a-checkpoint"])
+def test_diverged_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
+    phantom_cohort, cache_dir, tmp_path, log_every
+):
+    """lr 50 makes the loss NaN within a few steps: the run stops with a ConfigError before it
+    saves anything, and the checkpoint and model directory of the step before stay usable."""
+    out = tmp_path / "run"
+    overrides = {
+        "optim.lr": 50.0,
+        "run.steps": 10,
+        "run.log_every": log_every,
+        "run.checkpoint_every": 1,
+        "run.val_every": 0,
+        "run.device": "cpu",
+    }
+    cfg = _config(phantom_cohort, out, cache_dir, **overrides)
+    with pytest.raises(ConfigError, match=r"training diverged: .* at step (\d+) ") as info:
+        train(cfg, progress=False)
+    step = int(re.search(r"at step (\d+) ", str(info.value)).group(1))
+    assert 2 <= step < 10
+    assert f"checkpoint of step {step - 1} is kept" in str(info.value)
+    assert "lower learning rate" in str(info.value)
+    assert [p.name for p in (out / "checkpoint").iterdir()] == [f"step-{step - 1:08d}"]
+    state = train_module._load_file(latest_checkpoint(out) / "state.pt")
+    assert all(torch.isfinite(v).all() for v in [*state["model"].values(), *state["ema"].values()])
+    _, card = load_model(out / "model")  # refuses NaN weights
+    assert card.steps == step - 1
+
+    # the kept checkpoint resumes: the same run diverges again at the same step
+    with pytest.raises(ConfigError, match=f"at step {step} "):
+        train(cfg, progress=False, resume=True)
+    assert latest_checkpoint(out).name == f"step-{step - 1:08d}"
+
+
+def test_weights_that_are_not_finite_are_not_saved(
+    phantom_cohort, cache_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    overrides = {"run.steps": 6, "run.checkpoint_every": 2, "run.val_every": 0}
+    cfg = _config(phantom_cohort, out, cache_dir, **overrides)
+    real_step = train_module._Trainer._train_step
+
+    def poisoning_step(self, *args):
+        first = real_step(self, *args)
+        if self.step == 2:  # step 3: the EMA (not part of the loss) gets an Inf
+            next(self.ema.parameters()).data[0] = math.inf
+        return first
+
+    monkeypatch.setattr(train_module._Trainer, "_train_step", poisoning_step)
+    with pytest.raises(ConfigError, match="the weights are not finite at step 4 .* step 2 is kept"):
+        train(cfg, progress=False)
+    assert [p.name for p in (out / "checkpoint").iterdir()] == ["step-00000002"]
+    assert load_model(out / "model")[1].steps == 2
+
+
+def test_running_loss_is_saved_per_rank_and_resumes_exactly(
+    phantom_cohort, cache_dir, tmp_path, monkeypatch
+):
+    """A checkpoint between two log steps holds each rank's own running loss sum."""
+    overrides = {"run.steps": 6, "run.log_every": 3, "run.val_every": 0}
+    reference = tmp_path / "reference"
+    train(
+        _config(phantom_cohort, reference, cache_dir, **overrides, **{"run.checkpoint_every": 0}),
+        progress=False,
+    )
+    out = tmp_path / "run"
+    cfg = _config(phantom_cohort, out, cache_dir, **overrides, **{"run.checkpoint_every": 2})
+    real_save = train_module._save_file
+
+    def dying_save(obj, path):
+        if ".tmp-step-00000004" in str(path):
+            raise _Killed
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_module, "_save_file", dying_save)
+    with pytest.raises(_Killed):
+        train(cfg, progress=False)
+    monkeypatch.setattr(train_module, "_save_file", real_save)
+    folder = latest_checkpoint(out)
+    assert folder.name == "step-00000002"
+    rank0 = train_module._load_file(folder / "rank-0.pt")
+    assert rank0["loss_count"] == 2 and float(rank0["loss_sum"]) > 0  # steps 1 and 2
+    assert "loss_sum" not in train_module._load_file(folder / "state.pt")
+
+    # rank 1 restores its own sum, not rank 0's
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    train_module._save_file(
+        {**rank0, "rank": 1, "loss_sum": torch.tensor(123.0), "loss_count": 2},
+        copy / "checkpoint" / folder.name / "rank-1.pt",
+    )
+    other = apply_overrides(cfg, {"run.out": str(copy), "run.deterministic": False})
+    trainer = train_module._Trainer(other, progress=False, resume=True)
+    trainer._prepare()
+    trainer.dist.rank = 1
+    trainer._load_checkpoint(copy / "checkpoint" / folder.name)
+    assert float(trainer.loss_sum) == 123.0 and trainer.loss_count == 2
+
+    train(cfg, progress=False, resume=True)
+    losses = [(e["step"], e["loss"]) for e in _metrics(out) if "loss" in e]
+    assert [s for s, _ in losses] == [3, 6]
+    assert losses == [(e["step"], e["loss"]) for e in _metrics(reference) if "loss" in e]
+    assert _end(out)["rank_weights_sha256"] == _end(reference)["rank_weights_sha256"]
+
+
+def test_largest_seed_trains_and_validates(phantom_cohort, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    overrides = {"run.seed": 2**64 - 1, "run.steps": 1, "run.val_every": 1, "run.val_slabs": 2}
+    train(_config(phantom_cohort, out, cache_dir, **overrides), progress=False)
+    assert [e["step"] for e in _metrics(out) if "val_loss" in e] == [0, 1]
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -439,10 +440,10 @@ def validate(config: TrainConfig, *, require_data: bool = True) -> TrainConfig:
             "use 'v' or 'x0'"
         )
 
-    if not o.lr > 0:
-        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
-    if o.lr_final is not None and not 0 <= o.lr_final:
-        raise ConfigError(f"optim.lr_final must be >= 0, got {o.lr_final}")
+    if not 0 < o.lr < math.inf:
+        raise ConfigError(f"optim.lr must be a finite number > 0, got {o.lr}")
+    if o.lr_final is not None and not 0 <= o.lr_final < math.inf:
+        raise ConfigError(f"optim.lr_final must be a finite number >= 0, got {o.lr_final}")
     _choice("optim.lr_decay", o.lr_decay, LR_DECAYS)
     _range("optim.lr_step_at", o.lr_step_at, 0.0, 1.0)
     _positive("optim.batch_size", o.batch_size)
@@ -456,6 +457,7 @@ def validate(config: TrainConfig, *, require_data: bool = True) -> TrainConfig:
 
     if r.steps is not None:
         _positive("run.steps", r.steps)
+    check_seed(r.seed, "run.seed")
     parse_device(r.device)  # syntax only; availability is checked when the run starts
     _choice("run.precision", r.precision, PRECISIONS)
     if r.threads is not None:

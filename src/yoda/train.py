@@ -16,14 +16,17 @@ Run directory::
     config.yaml      the configuration of the run (rewritten when a run is resumed)
     metrics.jsonl    one JSON object per line: training log entries and validations
     checkpoint/      step-XXXXXXXX/ with state.pt (weights, EMA, optimizer, scaler, step,
-                     config hash) and rank-R.pt (RNG states and data-stream position per rank)
+                     config hash) and rank-R.pt (RNG states, data-stream position and running
+                     loss sum per rank)
     model/           the model directory (yoda.model.checkpoint), EMA weights for inference
     cache/           preprocessed arrays of the cohort (unless data.cache_dir is set)
 
 A checkpoint is written into a temporary folder and renamed when complete; the previous one is
 removed only afterwards, so a run killed at any moment (also during a save) resumes from the
 last complete checkpoint with ``resume=True``. With a fixed seed on the CPU a resumed run
-reproduces the losses and weights of an uninterrupted run bitwise.
+reproduces the losses and weights of an uninterrupted run bitwise. A run whose loss or weights
+are no longer finite (a diverged run) stops with ConfigError before it saves them, so the last
+checkpoint and model directory stay usable.
 """
 
 from __future__ import annotations
@@ -110,6 +113,15 @@ def weights_sha256(module: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _all_finite(tensors: Any) -> bool:
+    """True when no floating-point tensor of ``tensors`` holds NaN or Inf (one sync per device)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
@@ -333,6 +345,7 @@ class _Trainer:
         self.run_dir = Path(config.run.out).expanduser()
         self.is_main = self.dist.rank == 0
         self._tb = None
+        self._bar = None
 
     # ---------------------------------------------------------------- process setup
 
@@ -541,8 +554,6 @@ class _Trainer:
             "ema_updates": self.ema_updates,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "loss_sum": self.loss_sum.detach().cpu().clone(),
-            "loss_count": self.loss_count,
             "wall_time_s": self._wall(),
             "last_val": dict(self.last_val),
             "yoda_version": __version__,
@@ -554,6 +565,8 @@ class _Trainer:
             "step": self.step,
             "rng": _rng_state(self.generator),
             "sampler": self.sampler.state_dict(samples=self.consumed),
+            "loss_sum": self.loss_sum.detach().cpu().clone(),
+            "loss_count": self.loss_count,
         }
 
     def _gather_rank_states(self) -> list[dict[str, Any]]:
@@ -611,6 +624,32 @@ class _Trainer:
                         shutil.rmtree(old, ignore_errors=True)
         return self._all_ok(ok)
 
+    def _check_finite(self) -> None:
+        """Stop the run, on every rank, before a loss or state that is not finite is saved."""
+        if not self._all_ok(bool(torch.isfinite(self.loss_sum))):
+            raise self._diverged("the loss is not finite")
+        tensors = [
+            *self.model.state_dict().values(),
+            *self.ema.state_dict().values(),
+            *(v for state in self.optimizer.state.values() for v in state.values()),
+        ]
+        if not self._all_ok(_all_finite(tensors)):
+            raise self._diverged("the weights are not finite")
+
+    def _diverged(self, what: str) -> ConfigError:
+        """The error of a run whose loss or weights are no longer finite; nothing is saved."""
+        lr = learning_rate(self.config, self.step - 1, self.total)
+        kept = latest_checkpoint(self.run_dir)
+        saved = (
+            f"the checkpoint of step {int(kept.name[5:])} is kept"
+            if kept is not None
+            else "no checkpoint had been written"
+        )
+        return ConfigError(
+            f"training diverged: {what} at step {self.step} (learning rate {lr:g}); stopped "
+            f"without saving, {saved}; try a lower learning rate (--lr)"
+        )
+
     def _load_checkpoint(self, folder: Path) -> None:
         state = _load_file(folder / "state.pt")
         if not isinstance(state, dict) or state.get("format") != _CKPT_FORMAT:
@@ -651,8 +690,9 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.loss_count = int(state["loss_count"])
+        losses = rank_state if "loss_sum" in rank_state else state  # older: rank 0's only
+        self.loss_sum = losses["loss_sum"].to(self.device)
+        self.loss_count = int(losses["loss_count"])
         self.wall_before = float(state["wall_time_s"])
         self.last_val = dict(state.get("last_val") or {})
         self.sampler.load_state_dict(rank_state["sampler"])
@@ -828,7 +868,7 @@ class _Trainer:
             w_out=c.data.mask_weight_outside,
         )
         batch = collate_slabs([sampler.sample(g) for g in range(k)])
-        gen = torch.Generator().manual_seed(c.run.seed + 104729)
+        gen = torch.Generator().manual_seed((c.run.seed + 104729) % 2**64)
         T = c.model.T
         self.val_batch = {
             "target": batch["target"],
@@ -943,6 +983,8 @@ class _Trainer:
         try:
             self._loop()
         finally:
+            if self._bar is not None:  # before an error is printed below it
+                self._bar.close()
             if self._tb is not None:
                 self._tb.close()
         return self.run_dir / MODEL_DIR
@@ -1075,7 +1117,7 @@ class _Trainer:
         if self.is_main and self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(
+            bar = self._bar = tqdm(
                 total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True
             )
         t_log, step_log = time.perf_counter(), self.step
@@ -1113,6 +1155,9 @@ class _Trainer:
                     "slabs_per_s": rate,
                 }
                 self._log(entry)
+                # loss_sum is all-reduced: every rank stops here together
+                if not math.isfinite(loss_value):
+                    raise self._diverged(f"the loss is {loss_value}")
                 postfix.update(loss=f"{loss_value:.4g}", slabs_s=f"{rate:.1f}")
                 if bar is not None:
                     bar.set_postfix(postfix)
@@ -1128,6 +1173,7 @@ class _Trainer:
                     bar.set_postfix(postfix)
             every = c.run.checkpoint_every
             if (every and self.step % every == 0) or self.step == self.total:
+                self._check_finite()
                 self._save_checkpoint()
                 self._save_model_dir()
                 t_log = time.perf_counter()  # checkpoint time is not training throughput
@@ -1193,7 +1239,8 @@ def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -
     Raises
     ------
     ConfigError
-        Invalid options, unavailable device, or a checkpoint of a different configuration.
+        Invalid options, unavailable device, a checkpoint of a different configuration, or a
+        loss or weights that are no longer finite (the training diverged).
     InputError
         Missing or unusable training data.
 
