@@ -65,6 +65,8 @@ def test_demo_writes_a_report_with_every_method(demo):
     assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [PREVIEW_STEPS]
     table = format_summary(res.summary)
     assert table.splitlines()[0].split()[0] == "method" and "regression" in table
+    row = next(r for r in map(str.split, table.splitlines()) if r[0] == "regression")
+    assert row[2] == "3"  # NFE, a mean over subjects, printed as the whole number it is
 
 
 @pytest.mark.parametrize("reference", ["acq", "clean"])

@@ -280,7 +280,7 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
     cols = [
         ("method", "method", "{}"),
         ("time_s_mean", "time/subj (s)", "{:.1f}"),
-        ("nfe", "NFE", "{}"),
+        ("nfe", "NFE", "{:.4g}"),
         ("ssim_acq_mean", "SSIM acq (%)", "{:.2f}"),
         ("psnr_acq_mean", "PSNR acq (dB)", "{:.2f}"),
         ("ssim_clean_mean", "SSIM clean (%)", "{:.2f}"),

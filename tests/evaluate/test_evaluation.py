@@ -27,11 +27,11 @@ from yoda.evaluate.metrics import (
 SIGMA = 6.0  # Rician noise (0-255 scale) of the "diffusion" stand-in
 
 
-def _write_pred(folder: Path, sid: str, img, geom, sidecar: dict | None) -> None:
+def _write_pred(folder: Path, sid: str, img, geom, sidecar: dict | None, target="flair") -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_image(img, geom, folder / f"{sid}_flair.nii.gz", overwrite=True)
+    save_image(img, geom, folder / f"{sid}_{target}.nii.gz", overwrite=True)
     if sidecar is not None:
-        (folder / f"{sid}_flair.json").write_text(json.dumps(sidecar))
+        (folder / f"{sid}_{target}.json").write_text(json.dumps(sidecar))
 
 
 def _refs(subject: Subject, method: str = "tissue"):
@@ -228,6 +228,43 @@ def test_sidecar_normalization_is_used_for_the_acquired_target(cohort, tmp_path)
     assert any("'percentile'" in n for n in ev.notes)
 
 
+def test_a_ct_target_is_scored_on_the_ct_window(tmp_path):
+    """A model trained to a target named ct (default tissue normalization) writes HU; the
+    acquired CT goes on the same CT window, from the model card or by the target's name."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((24, 24, 24), np.float32)
+    mask[4:20, 4:20, 4:20] = 1
+    _, grid = load_image((mask, np.diag([2.0, 2.0, 2.0, 1.0])))
+    subjects = []
+    for k in range(2):
+        hu = np.where(mask > 0, rng.normal(40, 30, mask.shape), -1000).astype(np.float32)
+        hu[8:12, 8:12, 8:12] = 900  # bone
+        folder = tmp_path / f"s{k}"
+        folder.mkdir()
+        for name, arr in (("t1w", mask * 100), ("ct", hu), ("mask", mask)):
+            save_image(arr, grid, folder / f"{name}.nii.gz")
+        images = {"t1w": folder / "t1w.nii.gz", "ct": folder / "ct.nii.gz"}
+        subjects.append(Subject(f"s{k}", "test", images, mask=folder / "mask.nii.gz"))
+    manifest = Manifest(subjects, tmp_path)
+    model = tmp_path / "model"
+    model.mkdir()
+    card = {"target": "ct", "sources": ["t1w"], "normalization": {"method": "tissue"}}
+    (model / "model.json").write_text(json.dumps(card))
+    for s in subjects:
+        hu, geom = load_image(s.images["ct"])
+        side = {"mode": "regression", "model": str(model), "normalization": "tissue"}
+        _write_pred(tmp_path / "card", s.id, hu, geom, side, target="ct")
+        _write_pred(tmp_path / "bare", s.id, hu, geom, None, target="ct")
+    for folder in ("card", "bare"):
+        target, methods = find_methods(tmp_path / folder, manifest)
+        assert target == "ct" and methods[0].normalization == "ct"
+        ev = evaluate(tmp_path / folder, manifest, progress=False)
+        for s in subjects:
+            row = ev.rows[[r["subject"] for r in ev.rows].index(s.id)]
+            assert row["ssim_acq"] == pytest.approx(1.0, abs=1e-12)
+            assert row["psnr_acq"] == math.inf
+
+
 def test_grid_mismatch_is_reported_not_fatal(cohort, tmp_path):
     manifest_path, manifest, pred = cohort
     shutil.copytree(pred / "regression", tmp_path / "regression")
@@ -371,3 +408,22 @@ def test_fid_from_a_weights_file_is_loaded(cohort, tmp_path, monkeypatch):
     assert seen["path"] == weights
     assert set(ev.fid) == {"regression", "clean", "regression+noise 4"}
     assert any(str(weights) in n for n in ev.notes)
+
+
+def test_summary_nfe_is_the_mean_over_subjects():
+    from yoda.evaluate.evaluation import MethodPredictions, _summary
+
+    rows = [
+        {
+            "subject": f"s{i}",
+            "method": "m",
+            "time_s": 1.0,
+            "nfe": n,
+            **dict.fromkeys(METRIC_KEYS, 0.5),
+        }
+        for i, n in enumerate([3, 3, 3, 753])
+    ]
+    methods = [MethodPredictions(name="m", folder=Path("."), files={})]
+    stats = {"p_vs_reference": {}, "p_vs_acquired": {}}
+    (entry,) = _summary(rows, [], methods, stats, {})
+    assert entry["nfe"] == pytest.approx(190.5)  # not the mean of the distinct values (378)

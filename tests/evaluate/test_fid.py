@@ -137,6 +137,16 @@ def test_saved_random_weights_load_back_to_the_same_features(tmp_path, random_mo
     assert not _same_state(ResNet50Features(), random_model)
 
 
+def test_inputs_are_scaled_and_centred_as_for_radimagenet(random_model, slices):
+    """0-255 -> [0, 1], grey replicated to 3 channels, minus ImageNet's BGR channel means."""
+    with torch.inference_mode():
+        got = random_model.slice_features(slices[:1, :SIZE, :SIZE], batch_size=1)
+        x = torch.as_tensor(slices[:1, :SIZE, :SIZE] / 255.0, dtype=torch.float32)
+        x = torch.stack([x[0] - m for m in (0.406, 0.456, 0.485)])[None]
+        want = random_model.net(x).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_radimagenet_style_keys_and_wrappers_are_mapped(tmp_path, random_model):
     seq = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
     state = {}

@@ -87,7 +87,9 @@ def test_masked_ssim_and_psnr_match_skimage_on_cropped_masked_volume():
     sk = _skimage_ssim(np.where(mb, pred[box], 0.0), np.where(mb, ref[box], 0.0))
     assert ssim3d(pred, ref, mask) == pytest.approx(sk, abs=1e-3)
     assert ssim3d(pred, ref, mask) == pytest.approx(sk, abs=1e-9)
-    sk_psnr = peak_signal_noise_ratio(ref[mask], pred[mask], data_range=R)
+    sk_psnr = peak_signal_noise_ratio(
+        np.where(mb, ref[box], 0.0), np.where(mb, pred[box], 0.0), data_range=R
+    )
     assert psnr(pred, ref, mask) == pytest.approx(sk_psnr, abs=1e-9)
 
 
@@ -111,6 +113,13 @@ def test_psnr_of_known_error():
     assert psnr(pred, ref, mask) == pytest.approx(10 * math.log10(R**2 / 25.0), abs=1e-12)
     assert psnr(pred, ref, mask, data_range=1.0) == pytest.approx(
         10 * math.log10(1.0 / 25.0), abs=1e-12
+    )
+    # the error is averaged over the mask's bounding box (the paper's masked, cropped images)
+    corner = mask.copy()
+    corner[2:5, 2:5, 2:5] = False
+    inside = corner.sum() / mask.sum()
+    assert psnr(pred, ref, corner) == pytest.approx(
+        10 * math.log10(R**2 / (25.0 * inside)), abs=1e-12
     )
 
 

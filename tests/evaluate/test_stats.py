@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from yoda.errors import InputError
 from yoda.evaluate.stats import (
@@ -45,15 +46,32 @@ def test_wilcoxon_exact_p_value_of_all_positive_differences():
     assert wilcoxon_paired(b, a) == pytest.approx(2 / 2**6)
 
 
-def test_wilcoxon_drops_non_finite_pairs():
+def test_wilcoxon_drops_nan_pairs_and_equal_infinities():
     rng = np.random.default_rng(0)
     a = rng.normal(size=20)
     b = a + rng.normal(0.3, 1.0, 20)
     p = wilcoxon_paired(a, b)
-    a2 = np.append(a, [np.nan, 1.0])
-    b2 = np.append(b, [0.0, np.inf])
+    a2 = np.append(a, [np.nan, 1.0, np.inf])
+    b2 = np.append(b, [0.0, np.nan, np.inf])
     assert wilcoxon_paired(a2, b2) == pytest.approx(p)
     assert 0.0 < p < 1.0
+
+
+def test_wilcoxon_ranks_a_failure_above_every_finite_difference():
+    # a method that finds no lesion on 6 of 12 subjects (infinite distance) and is slightly
+    # better on the other 6 is not better: its failures count as the largest differences
+    ref = np.arange(1.0, 13.0)
+    method = ref.copy()
+    method[:6] -= 0.1 * np.arange(1, 7)
+    method[6:] = np.inf
+    p = wilcoxon_paired(method, ref)
+    d = np.concatenate([-0.1 * np.arange(1, 7), np.full(6, 100.0)])  # failures tie at the top
+    assert p == pytest.approx(sps.wilcoxon(d).pvalue)
+    assert p > 0.1
+    # dropping the failures instead would have called the method significantly better
+    assert sps.wilcoxon(method[:6], ref[:6]).pvalue < 0.05
+    # the sign counts: failures of the reference favour the method
+    assert wilcoxon_paired(ref, method) == pytest.approx(p)
     assert math.isnan(wilcoxon_paired([np.nan], [1.0]))
     with pytest.raises(InputError, match="length"):
         wilcoxon_paired([1, 2], [1, 2, 3])

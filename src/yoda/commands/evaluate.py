@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=NORMALIZATIONS,
         default="tissue",
         help="intensity normalization of the acquired target when the predictions' sidecars "
-        "and model card do not record the model's (default: tissue)",
+        "and model card do not record the model's (default: tissue; ct for a target named ct)",
     )
     p.add_argument(
         "--fid-weights",
@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--input-noise",
         default=None,
         metavar="S,S,...",
-        help="robustness: Rician noise levels (0-255 scale of each source), e.g. 0,2,4,6; "
+        help="robustness: Rician noise levels in %% of each source's range, e.g. 0,2,4,6; "
         "needs --model",
     )
     p.add_argument(

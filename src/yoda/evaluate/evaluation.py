@@ -12,7 +12,7 @@ passed in), fitted inside the brain mask. The noise-free target of a phantom (``
 is mapped with the *acquired* target's fit, so that both references share one scale.
 
 Per subject and method (:data:`METRICS`): SSIM and PSNR inside the brain mask (the manifest's
-mask, else the target's foreground mask; data range 255, SSIM on the mask's bounding box)
+mask, else the target's foreground mask; data range 255, on the mask's bounding box)
 against the acquired and the clean target; the noise level sigma_WM (Eq. 14) in the
 white-matter mask (label "wm", else tissue label 3); the lesion CNR (Eq. 15) of the lesion
 labels ("wmh", else tissue label 4); and, for FLAIR-like targets, a white-matter hyperintensity
@@ -40,6 +40,7 @@ from scipy import ndimage
 from yoda.data.io import Geometry, check_same_grid, load_image, sidecar_path
 from yoda.data.manifest import Manifest, Subject, read_manifest
 from yoda.data.normalize import NORMALIZATIONS, apply_intensity, fit_intensity, foreground_mask
+from yoda.data.subject import resolve_normalization
 from yoda.errors import ConfigError, InputError
 from yoda.evaluate import metrics as M
 from yoda.evaluate import stats as S
@@ -201,17 +202,22 @@ def _model_card(sidecar: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _recorded_normalization(sidecar: Mapping[str, Any]) -> str | None:
+    """The target's intensity method: from the model card named in the sidecar where it can be
+    read (a target named ``ct`` uses the CT window whatever the card's default), else the
+    sidecar's own record."""
+    card = _model_card(sidecar)
+    if card is not None:
+        target = card.get("target")
+        try:
+            if isinstance(target, str) and target:
+                return resolve_normalization(card.get("normalization"), [target])[target]["method"]
+        except (ConfigError, TypeError, ValueError):
+            pass
     value = sidecar.get("normalization")
     if isinstance(value, Mapping):
         value = value.get("method")
     if isinstance(value, str) and value in NORMALIZATIONS:
         return value
-    card = _model_card(sidecar)
-    if card is not None:
-        norm = card.get("normalization")
-        method = norm.get("method") if isinstance(norm, Mapping) else norm
-        if isinstance(method, str) and method in NORMALIZATIONS:
-            return method
     return None
 
 
@@ -326,7 +332,7 @@ def find_methods(
     split : the split evaluated (None: all subjects).
     target : target modality; default: the one the files (and sidecars) name.
     normalization : fallback intensity method of the acquired target when neither the sidecars
-        nor the model card record one.
+        nor the model card record one (a target named ``ct`` uses the CT window).
     notes : messages for the report are appended here.
 
     Raises
@@ -377,6 +383,8 @@ def find_methods(
         for p, f in sub_found:
             candidates.append((p.name, p, f, True))
     target = _choose_target(target, candidates, notes)
+    # a target named "ct" is on the CT window unless told otherwise, as in training
+    fallback = resolve_normalization(normalization, [target])[target]["method"]
     split_ids = [s.id for s in subjects]
     methods: list[tuple[MethodPredictions, bool]] = []
     for name, folder, found, from_sub in candidates:
@@ -395,18 +403,18 @@ def find_methods(
             )
             continue
         recorded = {_recorded_normalization(s) for s in sidecars.values()} - {None}
-        norm = normalization
+        norm = fallback
         if len(recorded) == 1:
             norm = recorded.pop()
-            if norm != normalization:
+            if norm != fallback:
                 notes.append(
                     f"method {name}: the acquired target is normalized with {norm!r}, as its "
-                    f"sidecars/model card record (not {normalization!r})"
+                    f"sidecars/model card record (not {fallback!r})"
                 )
         elif len(recorded) > 1:
             notes.append(
                 f"method {name}: its sidecars record several normalizations "
-                f"({', '.join(sorted(recorded))}); using {normalization!r}"
+                f"({', '.join(sorted(recorded))}); using {fallback!r}"
             )
         method = MethodPredictions(
             name=name,
@@ -1134,7 +1142,7 @@ def _by_subject(rows: Iterable[Mapping[str, Any]], method: str, key: str) -> dic
 
 
 def _paired_p(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, int]:
-    common = [s for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
+    common = [s for s in a if s in b and not (math.isnan(a[s]) or math.isnan(b[s]))]
     if not common:
         return math.nan, 0
     x = [a[s] for s in common]
@@ -1254,8 +1262,8 @@ def _summary(
         }
         t_mean, t_std = S.mean_std([r["time_s"] for r in src])
         entry["time_s_mean"], entry["time_s_std"] = t_mean, t_std
-        nfe = sorted({r["nfe"] for r in src if math.isfinite(r["nfe"])})
-        entry["nfe"] = nfe[0] if len(nfe) == 1 else (float(np.mean(nfe)) if nfe else math.nan)
+        nfe = [r["nfe"] for r in src if math.isfinite(r["nfe"])]
+        entry["nfe"] = float(np.mean(nfe)) if nfe else math.nan
         for key in METRIC_KEYS:
             vals = [float(r[key]) for r in src]
             mean, std = S.mean_std(vals)

@@ -8,7 +8,10 @@ the user supplies (e.g. the RadImageNet ResNet-50). Without such a file there is
 Features are the 2048-d global-average-pooled output of the last residual stage. Inputs are
 axial slices on the 0-255 scale, clipped to [0, 255], divided by 255, replicated to 3 channels,
 shown in radiological display orientation (anterior up, the patient's right on the image's left)
-and resized bilinearly to ``size`` x ``size`` (224 by default). No further normalization is applied.
+and resized bilinearly to ``size`` x ``size`` (224 by default), and the ImageNet channel means in
+BGR order (:data:`CHANNEL_MEANS`) are subtracted, as for the RadImageNet ResNet-50 in the usual
+FID protocols of medical image generation (its networks were trained on BGR images; the
+replicated grey channels make the channel order moot otherwise).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from yoda.atomic import atomic_path
 from yoda.errors import ConfigError, InputError, ModelError
 
 __all__ = [
+    "CHANNEL_MEANS",
     "FEATURE_DIM",
     "frechet_distance",
     "fid_from_features",
@@ -36,6 +40,9 @@ __all__ = [
 
 FEATURE_DIM = 2048
 """Length of a ResNet-50 feature vector."""
+
+CHANNEL_MEANS = (0.406, 0.456, 0.485)
+"""Subtracted from the three input channels (values in [0, 1]): ImageNet's means, BGR order."""
 
 _PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SAFETENSORS_SUFFIX = ".safetensors"
@@ -310,7 +317,8 @@ class ResNet50Features(torch.nn.Module):
             x = torch.nn.functional.interpolate(
                 x, size=(self.size, self.size), mode="bilinear", align_corners=False
             )
-        return self.net(x)
+        means = torch.tensor(CHANNEL_MEANS, dtype=x.dtype, device=x.device)
+        return self.net(x - means.view(1, 3, 1, 1))
 
     @torch.inference_mode()
     def slice_features(self, slices: np.ndarray | torch.Tensor, batch_size: int = 32) -> np.ndarray:

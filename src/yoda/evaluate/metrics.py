@@ -6,9 +6,9 @@ intensities on the 0-255 scale unless said otherwise.
 
 Conventions a report must state:
 
-- ``ssim3d`` / ``psnr``: data range 255; masked SSIM is computed on the mask's bounding box with
-  voxels outside the mask set to 0 in both images; PSNR averages the squared error over the mask
-  voxels only. Identical images give PSNR = inf.
+- ``ssim3d`` / ``psnr``: data range 255; with a mask, both are computed on the mask's bounding
+  box with voxels outside the mask set to 0 in both images (the paper's Sec. III-F), so PSNR
+  averages the squared error over the box. Identical images give PSNR = inf.
 - ``noise_level``: the raw RMS of Eq. 14 on the 0-255 scale (it underestimates the std of white
   noise by the factor ``noise_level_correction()``, about 0.96).
 - ``lesion_cnr``: unitless; nan (with a :class:`MetricWarning` giving the reason) when no lesion has
@@ -235,18 +235,23 @@ def psnr(
     mask: np.ndarray | None = None,
     data_range: float = 255.0,
 ) -> float:
-    """Peak signal-to-noise ratio in dB, the mean squared error taken over the mask voxels.
+    """Peak signal-to-noise ratio in dB.
 
-    Returns ``inf`` for identical images (inside the mask). Without a mask, all voxels count.
+    With a mask, both volumes are cropped to the mask's bounding box and voxels outside the
+    mask are set to 0 in both, as in the paper (and as :func:`ssim3d` does): the mean squared
+    error is taken over the box. Without a mask, all voxels count. Returns ``inf`` for
+    identical images (inside the mask).
     """
     p, r = _pair(pred, ref)
     rng = _check_range(data_range)
-    diff = p - r
     if mask is not None:
         m = _as_mask(mask, "mask", p.shape)
         if not m.any():
             raise InputError("mask is empty: PSNR needs at least one voxel inside the mask")
-        diff = diff[m]
+        box = _bbox(m)
+        diff = np.where(m[box], p[box] - r[box], 0.0)
+    else:
+        diff = p - r
     if diff.size == 0:
         raise InputError("PSNR of empty arrays is undefined")
     mse = float(np.mean(diff * diff))

@@ -668,7 +668,7 @@ def figure_robustness(rob: Any) -> Any:
             ):
                 if _finite(val):
                     ax.axhline(val, color="k", ls=style, lw=1, label=name)
-        ax.set_xlabel("input noise σ (0-255 scale of each source)")
+        ax.set_xlabel("input noise σ (% of the range of each source)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -896,9 +896,9 @@ def _robustness_html(rob: Any, figs: _Figures) -> list[str]:
             "MODEL_DIR</code> to add Rician noise to the inputs and translate them again.</p>"
         ]
     out = [
-        f"<p>{_e(rob.mode)} sampling, {len(rob.subjects)} subject(s); Rician noise of std σ "
-        "added to each source on its own 0-255 scale (the model's normalization "
-        f"'{_e(rob.normalization)}', fitted in the brain mask).</p>",
+        f"<p>{_e(rob.mode)} sampling, {len(rob.subjects)} subject(s); Rician noise of std σ, "
+        "in % of the range of each source as in the paper's Fig. 10 (σ = 4: std 10.2 on the "
+        "source's own 0-255 scale, the model's normalization fitted in the brain mask).</p>",
         figs.html(figure_robustness(rob), "robustness", "metrics against the input noise"),
     ]
     keys = [
@@ -978,9 +978,9 @@ mapped to the same scale with the model's intensity normalization ({norms}) fitt
 brain mask; the noise-free target (phantom) with the acquired target's fit, so both references
 share one scale.</li>
 <li><b>SSIM, PSNR</b> (Sec. III-F): inside the brain mask (the manifest's mask, else the
-target's foreground mask), data range 255; SSIM with a 3-D Gaussian window (σ 1.5 voxels) on the
-mask's bounding box with voxels outside the mask set to 0; PSNR from the mean squared error over
-the mask voxels (inf for identical images).</li>
+target's foreground mask), data range 255, on the mask's bounding box with voxels outside the
+mask set to 0; SSIM with a 3-D Gaussian window (σ 1.5 voxels); PSNR from the mean squared error
+over the box (inf for identical images).</li>
 <li><b>σ_WM</b> (Eq. 14): RMS of the image minus its Gaussian blur (kernel 5, σ 1.1 voxels)
 restricted to white matter, on white matter eroded by one voxel; about 0.96 times the standard
 deviation of white noise.</li>

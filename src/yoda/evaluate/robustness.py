@@ -1,14 +1,15 @@
 """Robustness to noisy inputs (paper Fig. 10): add Rician noise to the sources, translate, score.
 
-For every subject and input-noise level ``sigma`` (on the 0-255 scale), each source image gets
-Rician noise (Eq. 1) of standard deviation ``sigma`` *on that source's own 0-255 scale*: with
-the source's intensity fit ``x255 = (raw - offset) * scale`` (the model's normalization, fitted
-inside the brain mask), the noise is added in raw units with the standard deviation
-``sigma / scale``: ``noisy = |raw - offset + n_re + i n_im| + offset``, ``n ~ N(0, (sigma /
-scale)^2)``. The noisy sources are translated (the brain mask is passed on, so the ROI does not
-change with the noise) and the output is scored against the acquired target (and the clean
-target of a phantom): SSIM and PSNR inside the brain mask and the output's noise level
-sigma_WM (Eq. 14). Level 0 translates the sources as they are.
+For every subject and input-noise level ``sigma`` (in % of the source's range, as in the
+paper's Fig. 10: the range of the network's input is the 0-255 scale), each source image gets
+Rician noise (Eq. 1) of standard deviation ``s = sigma / 100 * 255`` *on that source's own 0-255
+scale*: with the source's intensity fit ``x255 = (raw - offset) * scale`` (the model's
+normalization of that source, fitted inside the brain mask), the noise is added in raw units
+with the standard deviation ``s / scale``: ``noisy = |raw - offset + n_re + i n_im| + offset``,
+``n ~ N(0, (s / scale)^2)``. The noisy sources are translated (the brain mask is passed on,
+so the ROI does not change with the noise) and the output is scored against the acquired
+target (and the clean target of a phantom): SSIM and PSNR inside the brain mask and the
+output's noise level sigma_WM (Eq. 14). Level 0 translates the sources as they are.
 
 The noise of one subject, level and source comes from a generator seeded by ``(seed, subject
 index, level index, source index)``, and every translation of a subject uses one sampling seed,
@@ -29,7 +30,8 @@ import numpy as np
 
 from yoda.data.io import check_same_grid, load_image
 from yoda.data.manifest import Manifest
-from yoda.data.normalize import NORMALIZATIONS, fit_intensity
+from yoda.data.normalize import fit_intensity
+from yoda.data.subject import resolve_normalization
 from yoda.errors import ConfigError, InputError
 from yoda.evaluate import metrics as M
 from yoda.evaluate import stats as S
@@ -49,8 +51,8 @@ class Robustness:
     ----------
     mode : sampling mode used.
     target : target modality.
-    normalization : intensity method of the model (sources and acquired target).
-    levels : input-noise standard deviations (0-255 scale of each source).
+    normalization : intensity method of the model's target (the acquired target's scale).
+    levels : input-noise standard deviations (% of the 0-255 range of each source).
     rows : one dict per subject x level: subject, sigma_in, seconds and
         :data:`ROBUSTNESS_METRICS` (nan where undefined).
     summary : one dict per level: sigma_in, n and ``<metric>_mean`` / ``<metric>_std``.
@@ -129,7 +131,7 @@ def robustness(
         ``.image`` (canonical array on the output scale).
     manifest : manifest path or :class:`~yoda.data.manifest.Manifest`.
     split : split whose subjects are used (None: all).
-    levels : input-noise standard deviations on each source's 0-255 scale, or "0,2,4,6".
+    levels : input-noise standard deviations in % of each source's 0-255 range, or "0,2,4,6".
     mode : sampling mode passed to ``translate``.
     seed : seed of the added noise and of the sampling.
     max_subjects : use at most this many subjects (in manifest order).
@@ -146,11 +148,14 @@ def robustness(
     man, _ = _load_manifest(manifest)
     card = translator.card
     target = str(_card_value(card, "target"))
-    norm = _card_value(card, "normalization")
-    norm = norm.get("method") if isinstance(norm, Mapping) else norm
-    if norm not in NORMALIZATIONS:
-        raise ConfigError(f"the model card's normalization {norm!r} is not one of {NORMALIZATIONS}")
     sources = list(translator.sources)
+    methods = {
+        name: kw["method"]
+        for name, kw in resolve_normalization(
+            _card_value(card, "normalization"), [*sources, target]
+        ).items()
+    }
+    norm = methods[target]
     if max_subjects is not None and (isinstance(max_subjects, bool) or int(max_subjects) < 1):
         raise ConfigError(f"max_subjects must be >= 1, got {max_subjects!r}")
     subjects = man.split(split).subjects
@@ -185,7 +190,9 @@ def robustness(
                 for name in sources:
                     arr, geom = load_image(subject.images[name], name=f"{subject.id} {name}")
                     check_same_grid({"target": ref.geometry, name: geom})
-                    fit = fit_intensity(arr, ref.mask, method=norm, name=f"{subject.id} {name}")
+                    fit = fit_intensity(
+                        arr, ref.mask, method=methods[name], name=f"{subject.id} {name}"
+                    )
                     raw[name] = (arr, fit)
             except InputError as exc:
                 failed[subject.id] = str(exc)
@@ -206,9 +213,10 @@ def robustness(
                     arr, fit = raw[name]
                     if sigma > 0:
                         rng = np.random.default_rng([int(seed), si, li, ci])
-                        arr = (
-                            M.rician_noise(arr - fit.offset, sigma / fit.scale, rng) + fit.offset
-                        ).astype(np.float32)
+                        std = sigma / 100.0 * 255.0 / fit.scale
+                        arr = (M.rician_noise(arr - fit.offset, std, rng) + fit.offset).astype(
+                            np.float32
+                        )
                     noisy[name] = (arr, affine)
                 try:
                     res = translator.translate(noisy, mode=mode, mask=mask, seed=tseed, **extra)

@@ -1,8 +1,9 @@
 """Paired statistics between methods: Wilcoxon tests, mean +- std, ICC(3,1), Bland-Altman.
 
 NaN values mark subjects for which a metric is undefined; they are left out (pairwise for the
-paired statistics). Infinite values are left out of the paired statistics too (a pair with an
-infinite member has no finite difference) but kept by :func:`mean_std`, so a report shows them.
+paired statistics). Infinite values (e.g. the Hausdorff distance of a method that found no
+lesion) are kept: the rank test counts such a pair as the largest difference, with its sign;
+:func:`mean_std` shows them; the agreement statistics (ICC, Bland-Altman) need finite pairs.
 """
 
 from __future__ import annotations
@@ -35,30 +36,40 @@ def _vector(x: object, name: str) -> np.ndarray:
     return arr
 
 
-def _paired(a: object, b: object) -> tuple[np.ndarray, np.ndarray]:
+def _paired(a: object, b: object, *, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of ``a`` and ``b`` without a NaN member (and, if ``finite``, no infinite one)."""
     x = _vector(a, "a")
     y = _vector(b, "b")
     if x.shape != y.shape:
         raise InputError(f"paired samples differ in length: {x.size} vs {y.size}")
-    keep = np.isfinite(x) & np.isfinite(y)
+    keep = np.isfinite(x) & np.isfinite(y) if finite else ~(np.isnan(x) | np.isnan(y))
     return x[keep], y[keep]
 
 
 def wilcoxon_paired(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided p-value of the Wilcoxon signed-rank test of paired samples ``a`` and ``b``.
 
-    Pairs with a non-finite member are dropped; zero differences are discarded (Wilcoxon's
-    convention, ``scipy.stats.wilcoxon`` defaults: exact distribution for small samples without
-    ties, normal approximation otherwise). Returns 1.0 when all differences are zero (identical
-    samples) and nan when no pair is left.
+    Pairs with a NaN member are dropped. A pair with one infinite member (a method's failure,
+    e.g. no lesion found, so an infinite Hausdorff distance) ranks above every finite difference,
+    with its sign; such pairs tie with one another. Two equal infinities are a zero difference.
+    Zero differences are discarded (Wilcoxon's convention; ``scipy.stats.wilcoxon`` defaults:
+    exact distribution for small samples without ties, normal approximation otherwise). Returns
+    1.0 when all differences are zero (identical samples) and nan when no pair is left.
     """
-    x, y = _paired(a, b)
+    x, y = _paired(a, b, finite=False)
     if x.size == 0:
         return math.nan
-    d = x - y
-    if not np.any(d != 0):
+    with np.errstate(invalid="ignore"):
+        d = x - y
+    d[np.isnan(d)] = 0.0  # inf - inf: both failed alike
+    infinite = np.isinf(d)
+    if infinite.any():
+        top = float(np.max(np.abs(d[~infinite]), initial=0.0))
+        d[infinite] = np.sign(d[infinite]) * (2.0 * top + 1.0)
+    d = d[d != 0]
+    if d.size == 0:
         return 1.0
-    return float(sps.wilcoxon(x, y).pvalue)
+    return float(sps.wilcoxon(d).pvalue)
 
 
 def mean_std(values: Sequence[float], ddof: int = 1) -> tuple[float, float]:
