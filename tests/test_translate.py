@@ -593,3 +593,21 @@ def test_translation_unlike_the_training_data_is_flagged(tiny_model, sources, tm
     args += ["--out-dir", str(tmp_path / "batch"), "--views", "axial", "--no-progress"]
     assert main(args) == 0
     assert capsys.readouterr().err.splitlines() == ["  warning s2mm: " + sidecar["warnings"][0]]
+
+
+@pytest.mark.parametrize(("views", "axis"), [("coronal", 1), ("sagittal", 0), ("all", 2)])
+def test_slice_correction_runs_along_the_slices_translated(
+    translator, sources, monkeypatch, views, axis
+):
+    """A single view is corrected across its own slices; several views across axial ones."""
+    import yoda.translate as tr_module
+
+    seen = []
+
+    def record(vol, method, axis, mask):
+        seen.append((method, axis, vol.shape == mask.shape))
+        return vol
+
+    monkeypatch.setattr(tr_module, "slice_correction", record)
+    translator.translate(sources, views=views, slice_correction="linear")
+    assert seen == [("linear", axis, True)]

@@ -427,7 +427,8 @@ class Translator:
             Diffusion timesteps: truncated (default), full, or a preview of k steps evenly
             spaced in log-SNR (:func:`yoda.diffusion.sampling.timesteps_preview`).
         slice_correction : {"none", "gamma", "linear", "simple"}
-            Generalized gamma homogenization of axial slices (Eq. 12-13).
+            Generalized gamma homogenization of adjacent slices (Eq. 12-13): the slices of the
+            view translated, axial ones where several views are.
         mask : path, image or (array, affine), optional
             Brain mask (default: automatic foreground mask of the first source).
         seed : int
@@ -492,10 +493,11 @@ class Translator:
                 else f" in {self.precision}; use precision fp32 (--precision fp32)"
             )
             raise ModelError(f"the network's output has non-finite values{hint}")
-        out = self._to_output(res.image, prep, slice_correction)
+        axis = VIEW_AXIS[view_names[0]] if len(view_names) == 1 else VIEW_AXIS["axial"]
+        out = self._to_output(res.image, prep, slice_correction, axis)
         samples = std = None
         if mode == "expa" and keep_samples and res.samples is not None:
-            samples = np.stack([self._to_output(s, prep, "none") for s in res.samples])
+            samples = np.stack([self._to_output(s, prep, "none", axis) for s in res.samples])
             std = samples.std(axis=0).astype(np.float32)
         info = {
             "sources": self.card.sources,
@@ -594,11 +596,13 @@ class Translator:
             return view_names, len(view_names)
         return view_names, len(sampling.timesteps_for(self.schedule, steps))
 
-    def _to_output(self, image: torch.Tensor, prep: PreparedSubject, correction: str) -> np.ndarray:
+    def _to_output(
+        self, image: torch.Tensor, prep: PreparedSubject, correction: str, axis: int
+    ) -> np.ndarray:
         x255 = from_network(image.float().clamp(-1.0, 1.0)).cpu().numpy()
         if correction != "none":
             roi_mask = crop(prep.mask, prep.bbox)
-            x255 = np.asarray(slice_correction(x255, method=correction, mask=roi_mask))
+            x255 = np.asarray(slice_correction(x255, method=correction, axis=axis, mask=roi_mask))
         x255 = x255.astype(np.float32, copy=False)
         full = uncrop(x255, prep.bbox, prep.geometry.canonical_shape, fill=0.0)
         if self.card.target_normalization == "ct":

@@ -64,7 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="diffusion timesteps: truncated (default, 251 at T=1000), full, or a number N "
         "(a preview: T-1, then N-1 steps evenly spaced in log-SNR)",
     )
-    p.add_argument("--slice-correction", choices=CORRECTIONS, default="none")
+    p.add_argument(
+        "--slice-correction",
+        choices=CORRECTIONS,
+        default="none",
+        help="homogenize adjacent slices (Eq. 12-13): those of the view translated, axial ones "
+        "with several views (default: none)",
+    )
     p.add_argument("--mask", help="brain mask (default: automatic foreground mask)")
     p.add_argument(
         "--resample", action="store_true", help="resample inputs onto the first source's grid"
