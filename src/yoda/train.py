@@ -411,7 +411,7 @@ class _Trainer:
     # ---------------------------------------------------------------- data
 
     def _prepare_data(self) -> None:
-        from yoda.data.cache import CachedCohort, prepare_cache
+        from yoda.data.cache import CachedCohort, index_path, prepare_cache
         from yoda.data.manifest import read_manifest
 
         c = self.config
@@ -456,9 +456,11 @@ class _Trainer:
                 raise error
             raise InputError("the data cache could not be prepared (see the error of rank 0)")
         if not self.is_main:
-            cache_dir = cache_dir.expanduser().absolute()
             for split in splits:
-                cohorts[split] = CachedCohort.open(cache_dir / f"index-{split}.json")
+                path = index_path(
+                    cache_dir, list(c.data.sources), c.data.target, split=split, **kwargs
+                )
+                cohorts[split] = CachedCohort.open(path)
         self.train_cohort = cohorts[c.data.train_split]
         self.val_cohort = cohorts.get(c.data.val_split) if has_val else None
         self.train_subjects = train_subjects

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 from torch.utils.data import DataLoader
 
-from yoda.data.cache import CachedCohort, load_subject_arrays, prepare_cache
+from yoda.data.cache import CachedCohort, index_path, load_subject_arrays, prepare_cache
 from yoda.data.io import load_image
 from yoda.data.manifest import Manifest, Subject
 from yoda.data.normalize import (
@@ -133,6 +133,16 @@ def test_cache_is_reused_and_rebuilt_on_change(cohort_files, tmp_path):
     assert sorted(fourth.rebuilt) == ["s0", "s1", "s2"]
     assert fourth.normalization["t2w"] == {"method": "percentile", "percentile": 99.9}
     assert not list(cache.glob(".*tmp"))
+
+    # ... beside the other options' cache: each has its own index, and neither loses its arrays
+    assert fourth.index_path != third.index_path
+    assert fourth.index_path == index_path(
+        cache, ["t1w"], "t2w", margins=MARGINS, normalization="percentile"
+    )
+    np.testing.assert_array_equal(CachedCohort.open(third.index_path).load(2), third.load(2))
+    fifth = prepare_cache(cohort_files, ["t1w"], "t2w", cache, margins=MARGINS)
+    assert fifth.rebuilt == [] and fifth.index_path == third.index_path
+    assert len(list(cache.glob("*.npy"))) == 6
 
 
 def test_cache_input_errors(cohort_files, tmp_path):

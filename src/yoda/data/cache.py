@@ -10,11 +10,12 @@ the ROI (bounding box of the mask expanded by the margins). Arrays are opened wi
 The cache is reused while it is up to date. Each array file is named by a key over the input
 files (paths, modification times, sizes), the normalization, the margins, the sources and the
 target, so a changed input or option leads to a rebuild of exactly the affected subjects. An
-index JSON (``index-<split>.json``) lists per subject the array file, its shape, the ROI box
-within the original canonical volume and the fitted intensity parameters. All files are written
-atomically (temporary file in the same folder, then ``os.replace``), so readers never see a
-partial file. When several processes train together, let one prepare the cache while the others
-wait, then open it with :meth:`CachedCohort.open`.
+index JSON per split and set of options (``index-<split>-<digest>.json``, :func:`index_path`)
+lists per subject the array file, its shape, the ROI box within the original canonical volume
+and the fitted intensity parameters; caches of other options share the folder. All files are
+written atomically (temporary file in the same folder, then ``os.replace``), so readers never
+see a partial file. When several processes train together, let one prepare the cache while the
+others wait, then open it with :meth:`CachedCohort.open`.
 """
 
 from __future__ import annotations
@@ -283,6 +284,46 @@ def _referenced_files(cache_dir: Path) -> set[str]:
     return refs
 
 
+def _check_options(
+    sources: Sequence[str], target: str, margins: Sequence[int], split: str | None
+) -> tuple[list[str], str, tuple[int, int, int], str]:
+    sources, target = _check_names(sources, target)
+    margins_t = tuple(int(m) for m in margins)
+    if len(margins_t) != 3 or min(margins_t) < 0:
+        raise ConfigError(f"ROI margins {tuple(margins)} must be three non-negative integers")
+    if split is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", str(split)):
+        raise ConfigError(f"split name {split!r} must be letters, digits, '_' or '-'")
+    return sources, target, margins_t, "all" if split is None else str(split)  # type: ignore[return-value]
+
+
+def index_path(
+    cache_dir: str | os.PathLike,
+    sources: Sequence[str],
+    target: str,
+    *,
+    split: str | None = "train",
+    normalization: str | Mapping[str, Any] = "tissue",
+    use_mask_weights: bool = False,
+    margins: Sequence[int] = DEFAULT_MARGINS,
+) -> Path:
+    """The index file :func:`prepare_cache` writes for these arguments.
+
+    It is named by the split and a digest of the options (``index-<split>-<digest>.json``), so
+    caches of other sources, targets or normalizations share a folder without overwriting
+    each other's index.
+    """
+    sources, target, margins_t, split_name = _check_options(sources, target, margins, split)
+    options = {
+        "sources": sources,
+        "target": target,
+        "normalization": resolve_normalization(normalization, [target, *sources]),
+        "margins": list(margins_t),
+        "use_mask_weights": bool(use_mask_weights),
+    }
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser().absolute() / f"index-{split_name}-{digest}.json"
+
+
 def prepare_cache(
     manifest: Manifest,
     sources: Sequence[str],
@@ -323,13 +364,7 @@ def prepare_cache(
     """
     from tqdm import tqdm
 
-    sources, target = _check_names(sources, target)
-    margins_t = tuple(int(m) for m in margins)
-    if len(margins_t) != 3 or min(margins_t) < 0:
-        raise ConfigError(f"ROI margins {tuple(margins)} must be three non-negative integers")
-    if split is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", str(split)):
-        raise ConfigError(f"split name {split!r} must be letters, digits, '_' or '-'")
-    split_name = "all" if split is None else str(split)
+    sources, target, margins_t, split_name = _check_options(sources, target, margins, split)
     subjects = manifest.split(split).subjects
     if not subjects:
         raise InputError(f"manifest under {manifest.root}: no subjects in split {split!r}")
@@ -343,10 +378,18 @@ def prepare_cache(
                 + (" ..." if len(lacking) > 20 else "")
             )
     norm = resolve_normalization(normalization, [target, *sources])
-    cache_dir = Path(cache_dir).expanduser().absolute()
+    path = index_path(
+        cache_dir,
+        sources,
+        target,
+        split=split,
+        normalization=normalization,
+        use_mask_weights=use_mask_weights,
+        margins=margins_t,
+    )
+    cache_dir = path.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
-    index_path = cache_dir / f"index-{split_name}.json"
-    old = _read_index(index_path) or {"subjects": []}
+    old = _read_index(path) or {"subjects": []}
     old_entries = {e.get("id"): e for e in old["subjects"] if isinstance(e, dict)}
 
     entries: list[dict[str, Any]] = []
@@ -391,13 +434,13 @@ def prepare_cache(
         "use_mask_weights": bool(use_mask_weights),
         "subjects": entries,
     }
-    if _read_index(index_path) != index:
-        _atomic_write_json(index_path, index)
+    if _read_index(path) != index:
+        _atomic_write_json(path, index)
     if rebuilt:
         _remove_stale(cache_dir, rebuilt)
     return CachedCohort(
         cache_dir=cache_dir,
-        index_path=index_path,
+        index_path=path,
         sources=sources,
         target=target,
         normalization=norm,
