@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -186,6 +187,38 @@ def test_a_batch_rerun_with_saved_samples_skips_and_one_asking_for_them_does_not
         "a_flair.json", "a_flair.nii.gz", "a_flair_sample-1.nii.gz", "a_flair_sample-2.nii.gz",
         "a_flair_std.nii.gz",
     ]  # fmt: skip
+
+
+def test_finished_outputs_are_known_by_their_weights_not_the_model_path(
+    tiny_model, phantom_cohort, tmp_path, capsys
+):
+    """A copy of the model elsewhere makes the same outputs (skipped); new weights at the
+    same path do not (the outputs are kept and the subject fails, naming the weights)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = phantom_cohort.parent / "sub-004"
+    manifest = write_manifest(tmp_path / "one.csv", [subject_row("a", folder)])
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "out"
+    args = ["translate", "--data", str(manifest), "--views", "axial", "--out-dir", str(out),
+            "--no-progress", "--model"]  # fmt: skip
+    assert main([*args, str(tiny_model)]) == 0
+    capsys.readouterr()
+    info = json.loads((out / "a_flair.json").read_text())
+    assert info["model"] == str(Path(tiny_model).resolve()) and len(info["weights_sha256"]) == 64
+    assert main([*args, str(model)]) == 0
+    assert "translated 0, skipped 1" in capsys.readouterr().out
+
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, model / "model.safetensors")
+    assert main([*args, str(model)]) == 1
+    err = capsys.readouterr().err
+    assert "a_flair.nii.gz exists, made with weights_sha256 '" in err and "--force" in err
+    assert main([*args, str(model), "--force"]) == 0
+    assert (
+        json.loads((out / "a_flair.json").read_text())["weights_sha256"] != info["weights_sha256"]
+    )
 
 
 def test_a_manifest_without_splits_is_translated_whole(

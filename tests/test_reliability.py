@@ -354,7 +354,8 @@ def test_batch_output_folder_under_a_file(tiny_model, phantom_cohort, tmp_path, 
 @pytest.mark.parametrize(
     ("extra", "code", "words"),
     [
-        (["--n-ex", "-1"], 1, "--n-ex must be >= 1; got -1"),
+        (["--n-ex", "-1", "--mode", "expa"], 1, "--n-ex must be >= 1; got -1"),
+        (["--n-ex", "3"], 1, "--n-ex sets the number of ExpA samples: give --mode expa"),
         (["--n-ex", "0", "--mode", "expa"], 1, "--n-ex must be >= 1; got 0"),
         (["--batch-size", "0"], 1, "--batch-size must be >= 1"),
         (["--mode", "magic"], 2, "argument --mode: invalid choice: 'magic'"),

@@ -156,8 +156,9 @@ def translate_cohort(
     """Translate the subjects of ``manifest`` (one split, or all) into ``out_dir``.
 
     Subjects whose output and sidecar exist are skipped unless ``force``, when the sidecar
-    records this run's settings (model and weights, target, mode, views, N_Ex, timesteps,
-    slice correction, the subject's seed, the output's dtype and saved samples). An output
+    records this run's settings (the weights' SHA-256, target and its normalization, mode,
+    views, N_Ex, timesteps, slice correction and its slices, the subject's seed, the output's
+    dtype and saved samples). An output
     made with other settings, or whose sidecar is not one of ours, fails the subject with the
     reason, or is translated again with ``replace_other``; an output without a sidecar, or
     whose sidecar lacks some settings but agrees on the others, is translated again. Under

@@ -36,7 +36,7 @@ from yoda.device import autocast_dtype, inference_precision, resolve_device
 from yoda.diffusion import sampling
 from yoda.diffusion.schedule import make_schedule
 from yoda.errors import ConfigError, InputError, ModelError
-from yoda.model.checkpoint import ModelCard, load_model
+from yoda.model.checkpoint import ModelCard, load_model, weights_sha256
 from yoda.model.denoiser import VolumeDenoiser, check_batch_size, compile_network
 from yoda.volume.gamma import GAMMA_METHODS, slice_correction
 from yoda.volume.views import VIEW_AXIS, VIEWS
@@ -205,6 +205,11 @@ def extra_path(path: str | os.PathLike, label: str) -> Path:
     return path.with_name(f"{stem}_{label}{suffix}")
 
 
+def _slice_view(view_names: Sequence[str]) -> str:
+    """The view whose slices slice correction homogenizes: the one translated, else axial."""
+    return view_names[0] if len(view_names) == 1 else "axial"
+
+
 def check_output_dtype(dtype: str, normalization: str | None) -> None:
     """Refuse ``uint8`` outputs of a model whose output is in Hounsfield units (``ct``
     normalization): 0..255 cannot hold them."""
@@ -309,6 +314,7 @@ class Translator:
         self.schedule = make_schedule(card.schedule, card.T)
         self.model_dir = model_dir
         self.weights = weights
+        self.weights_sha256 = weights_sha256(self.model)
         # what the card says of the training data (each checked here, at load)
         self.canvas = card.slab_size
         self.voxel_sizes = card.voxel_sizes
@@ -384,9 +390,10 @@ class Translator:
         """Raise :class:`ConfigError` for sampling options :meth:`translate` would refuse
         (arguments as there; its other options are not checked), before any subject is read.
 
-        Returns the sidecar fields these options fix (model and weights, target, mode,
-        views, N_Ex, timesteps, slice correction): a finished output whose sidecar agrees on
-        them (and on the seed) is what :meth:`translate` would make.
+        Returns the sidecar fields these options fix (the weights' SHA-256, target and its
+        normalization, mode, views, N_Ex, timesteps, slice correction and its slices): a
+        finished output whose sidecar agrees on them (and on the seed) is what
+        :meth:`translate` would make.
         """
         view_names, n_total = self._check_options(mode, views, n_ex, slice_correction, steps)
         check_seed(seed)
@@ -493,20 +500,22 @@ class Translator:
                 else f" in {self.precision}; use precision fp32 (--precision fp32)"
             )
             raise ModelError(f"the network's output has non-finite values{hint}")
-        axis = VIEW_AXIS[view_names[0]] if len(view_names) == 1 else VIEW_AXIS["axial"]
+        axis = VIEW_AXIS[_slice_view(view_names)]
         out = self._to_output(res.image, prep, slice_correction, axis)
         samples = std = None
         if mode == "expa" and keep_samples and res.samples is not None:
             samples = np.stack([self._to_output(s, prep, "none", axis) for s in res.samples])
             std = samples.std(axis=0).astype(np.float32)
         info = {
+            "model": self.model_dir,
+            "weights": self.weights,
             "sources": self.card.sources,
             **self._settings(mode, view_names, n_ex, n_total, slice_correction),
             "T": self.schedule.T,
-            "normalization": self.card.target_normalization,
             "nfe": int(res.nfe),
             "seed": int(seed),
-            "slice_correction": slice_correction,
+            "mask": prep.mask_file or prep.mask_source,
+            "resampled": prep.resampled,
             "precision": self.precision,
             "device": str(self.device),
             "seconds": round(time.perf_counter() - start, 3),
@@ -560,14 +569,15 @@ class Translator:
         """The sidecar fields that checked sampling options fix (see :meth:`check_options`);
         ``n_total`` is :meth:`_check_options`' count of evaluations per trajectory."""
         return {
-            "model": self.model_dir,
-            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
             "target": self.card.target,
+            "normalization": self.card.target_normalization,
             "mode": mode,
             "views": list(view_names),
             "n_ex": n_ex if mode == "expa" else None,
             "timesteps": 1 if mode == "regression" else n_total,  # regression: t = T-1 per view
             "slice_correction": correction,
+            "slice_axis": None if correction == "none" else _slice_view(view_names),
         }
 
     def _check_options(

@@ -69,3 +69,33 @@ def test_what_a_resampled_source_does_not_image_is_background():
         prepare_subject(
             images, ["t1w", "t2w"], normalization="tissue", mask=(mask, AFFINE), resample=True
         )
+
+
+def test_a_source_constant_where_it_meets_the_reference_is_refused():
+    t1, mask = _head()
+    t2 = np.full((20, 20, 30), 50.0, np.float32)
+    t2[:, :, :10] = np.linspace(0, 100, 10)  # varies only below the reference's volume
+    below = AFFINE.copy()
+    below[2, 3] = -20.0
+    images = {"t1w": (t1, AFFINE), "t2w": (t2, below)}
+    with pytest.raises(InputError, match="it is constant; do the images overlap"):
+        prepare_subject(
+            images, ["t1w", "t2w"], normalization="tissue", mask=(mask, AFFINE), resample=True
+        )
+
+
+def test_the_preparation_records_the_mask_file_and_what_it_resampled(tmp_path):
+    from yoda.data.io import save_image
+
+    t1, mask = _head()
+    _, grid = load_image((mask, AFFINE))
+    path = tmp_path / "mask.nii.gz"
+    save_image(mask, grid, path)
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 0.5
+    images = {"t1w": (t1, AFFINE), "t2w": (t1 * 2 + 1, shifted)}
+    prep = prepare_subject(images, ["t1w", "t2w"], normalization="tissue", mask=path, resample=True)
+    assert prep.mask_file == str(path) and prep.resampled == ["t2w"]
+    plain = prepare_subject({"t1w": (t1, AFFINE)}, ["t1w"], normalization="tissue")
+    assert plain.mask_file is None and plain.resampled == []
+    assert plain.mask_source == "foreground:t1w"

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out-dir", help="output folder in batch mode")
     p.add_argument("--mode", choices=MODES, default="regression", help="sampling mode")
-    p.add_argument("--n-ex", type=int, default=4, help="ExpA samples (default 4)")
+    p.add_argument("--n-ex", type=int, default=None, help="ExpA samples (default 4)")
     p.add_argument(
         "--views",
         choices=("axial", "coronal", "sagittal", "all"),
@@ -159,8 +159,11 @@ def _check_output(out: Path, *, force: bool, samples: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``yoda translate``."""
     sources = _source_flags(getattr(args, "extra", []))
-    if args.n_ex < 1:
-        raise ConfigError(f"--n-ex must be >= 1; got {args.n_ex}")
+    if args.n_ex is not None and args.mode != "expa":
+        raise ConfigError("--n-ex sets the number of ExpA samples: give --mode expa")
+    n_ex = 4 if args.n_ex is None else args.n_ex
+    if n_ex < 1:
+        raise ConfigError(f"--n-ex must be >= 1; got {n_ex}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.mode == "regression" and args.steps is not None:
@@ -178,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.out is None:
             raise ConfigError("give --out (one subject) or --data with --out-dir (batch mode)")
-        samples = args.n_ex if args.save_samples else 0  # --save-samples is refused outside ExpA
+        samples = n_ex if args.save_samples else 0  # --save-samples is refused outside ExpA
         _check_output(Path(args.out), force=args.force, samples=samples)
 
     from yoda.translate import Translator, check_output_dtype
@@ -194,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dtype(args.dtype, translator.card.target_normalization)
     options = dict(
         mode=args.mode,
-        n_ex=args.n_ex,
+        n_ex=n_ex,
         views=args.views,
         steps=args.steps,
         slice_correction=args.slice_correction,

@@ -6,10 +6,11 @@ always sees inputs scaled exactly as in training.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,10 @@ class PreparedSubject:
         "mask" (given) or "foreground:<reference>" (automatic).
     seconds : float
         Wall time :func:`prepare_subject` took.
+    mask_file : str or None
+        The given mask's file, where it was given as one.
+    resampled : list of str
+        The images (and "mask") resampled onto the reference grid.
     """
 
     data: np.ndarray
@@ -100,6 +105,8 @@ class PreparedSubject:
     intensities: dict[str, Intensity]
     mask_source: str
     seconds: float = 0.0
+    mask_file: str | None = None
+    resampled: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -172,6 +179,7 @@ def prepare_subject(
                 )
     # images resampled onto the reference grid -> the voxels they imaged
     imaged: dict[str, np.ndarray] = {}
+    resampled: list[str] = []
     try:
         io.check_same_grid(geoms)
     except InputError:
@@ -188,10 +196,12 @@ def prepare_subject(
             arrays[name] = io.resample_like(
                 arrays[name], geom, geoms[reference], order=order, inside=inside
             )
+            resampled.append(name)
             if name == "mask":
                 continue
             imaged[name] = inside
-            if not arrays[name][inside].max(initial=0.0) > arrays[name][inside].min(initial=0.0):
+            covered = arrays[name][inside]
+            if covered.size == 0 or not covered.max() > covered.min():
                 raise InputError(
                     f"{prefix}{name} ({geom.label}): resampled onto the grid of "
                     f"{reference}, it is constant; do the images overlap?"
@@ -232,4 +242,6 @@ def prepare_subject(
         intensities=intensities,
         mask_source=mask_source,
         seconds=time.perf_counter() - start,
+        mask_file=str(mask) if isinstance(mask, (str, os.PathLike)) else None,
+        resampled=resampled,
     )

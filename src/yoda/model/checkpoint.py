@@ -49,6 +49,7 @@ __all__ = [
     "load_model",
     "read_card",
     "unwrap_model",
+    "weights_sha256",
     "load_reference_state_dicts",
     "map_reference_state_dict",
     "convert_reference_checkpoint",
@@ -268,6 +269,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, shapes, dtypes and bytes, in key order)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
