@@ -252,10 +252,12 @@ def test_a_ct_target_is_scored_on_the_ct_window(tmp_path):
     (model / "model.json").write_text(json.dumps(card))
     for s in subjects:
         hu, geom = load_image(s.images["ct"])
-        side = {"mode": "regression", "model": str(model), "normalization": "tissue"}
+        side = {"mode": "regression", "model": str(model)}  # no normalization: from the card
         _write_pred(tmp_path / "card", s.id, hu, geom, side, target="ct")
+        side = {"mode": "regression", "normalization": "ct"}  # as yoda translate records it
+        _write_pred(tmp_path / "sidecar", s.id, hu, geom, side, target="ct")
         _write_pred(tmp_path / "bare", s.id, hu, geom, None, target="ct")
-    for folder in ("card", "bare"):
+    for folder in ("card", "sidecar", "bare"):
         target, methods = find_methods(tmp_path / folder, manifest)
         assert target == "ct" and methods[0].normalization == "ct"
         ev = evaluate(tmp_path / folder, manifest, progress=False)
@@ -427,3 +429,13 @@ def test_summary_nfe_is_the_mean_over_subjects():
     stats = {"p_vs_reference": {}, "p_vs_acquired": {}}
     (entry,) = _summary(rows, [], methods, stats, {})
     assert entry["nfe"] == pytest.approx(190.5)  # not the mean of the distinct values (378)
+
+
+def test_paired_tests_keep_a_failed_subject():
+    from yoda.evaluate.evaluation import _paired_p
+
+    method = {"a": math.inf, "b": 1.0, "c": 2.0, "d": math.nan}
+    reference = {"a": 3.0, "b": 1.5, "c": 2.5, "d": 1.0, "e": 0.0}
+    p, n = _paired_p(method, reference)
+    assert n == 3  # the infinite distance counts, the NaN does not
+    assert 0.0 < p <= 1.0

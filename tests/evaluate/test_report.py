@@ -231,6 +231,25 @@ def test_robustness_noise_is_on_each_source_scale(rob, cohort):
     assert len({c["seed"] for c in calls}) == 1  # one sampling seed per subject
 
 
+def test_robustness_fits_each_source_with_its_own_normalization(cohort):
+    _, manifest, _ = cohort
+    manifest_path = cohort[0]
+    translator = SmoothingTranslator()
+    translator.card = SimpleNamespace(
+        target="flair",
+        normalization={"method": "tissue", "modalities": {"t1w": "percentile"}},
+    )
+    robustness(translator, manifest_path, "test", "4", max_subjects=1, progress=False)
+    s = manifest.subjects[0]
+    raw, _ = load_image(s.images["t1w"])
+    mask = load_image(s.mask)[0] > 0.5
+    scale = fit_intensity(raw, mask, method="percentile").scale
+    assert scale != pytest.approx(fit_intensity(raw, mask, method="tissue").scale, rel=0.05)
+    bright = mask & (raw * scale > 60)
+    added = (translator.calls[0]["t1w"] - raw)[bright] * scale
+    assert added.std() == pytest.approx(10.2, rel=0.08)  # 4 % of 255 on the percentile scale
+
+
 def test_robustness_options_are_checked(cohort):
     manifest_path, _, _ = cohort
     assert parse_levels("6, 0,2,2") == [0.0, 2.0, 6.0]

@@ -202,22 +202,21 @@ def _model_card(sidecar: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _recorded_normalization(sidecar: Mapping[str, Any]) -> str | None:
-    """The target's intensity method: from the model card named in the sidecar where it can be
-    read (a target named ``ct`` uses the CT window whatever the card's default), else the
-    sidecar's own record."""
-    card = _model_card(sidecar)
-    if card is not None:
-        target = card.get("target")
-        try:
-            if isinstance(target, str) and target:
-                return resolve_normalization(card.get("normalization"), [target])[target]["method"]
-        except (ConfigError, TypeError, ValueError):
-            pass
+    """The target's intensity method: the sidecar's record, else the model card's (named in
+    the sidecar, where it can be read; a target named ``ct`` uses the CT window whatever the
+    card's default)."""
     value = sidecar.get("normalization")
     if isinstance(value, Mapping):
         value = value.get("method")
     if isinstance(value, str) and value in NORMALIZATIONS:
         return value
+    card = _model_card(sidecar)
+    target = card.get("target") if card is not None else None
+    if isinstance(target, str) and target:
+        try:
+            return resolve_normalization(card.get("normalization"), [target])[target]["method"]
+        except (ConfigError, TypeError, ValueError):
+            pass
     return None
 
 

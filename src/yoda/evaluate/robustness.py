@@ -149,13 +149,8 @@ def robustness(
     card = translator.card
     target = str(_card_value(card, "target"))
     sources = list(translator.sources)
-    methods = {
-        name: kw["method"]
-        for name, kw in resolve_normalization(
-            _card_value(card, "normalization"), [*sources, target]
-        ).items()
-    }
-    norm = methods[target]
+    fits = resolve_normalization(_card_value(card, "normalization"), [*sources, target])
+    norm = fits[target]["method"]
     if max_subjects is not None and (isinstance(max_subjects, bool) or int(max_subjects) < 1):
         raise ConfigError(f"max_subjects must be >= 1, got {max_subjects!r}")
     subjects = man.split(split).subjects
@@ -190,9 +185,7 @@ def robustness(
                 for name in sources:
                     arr, geom = load_image(subject.images[name], name=f"{subject.id} {name}")
                     check_same_grid({"target": ref.geometry, name: geom})
-                    fit = fit_intensity(
-                        arr, ref.mask, method=methods[name], name=f"{subject.id} {name}"
-                    )
+                    fit = fit_intensity(arr, ref.mask, name=f"{subject.id} {name}", **fits[name])
                     raw[name] = (arr, fit)
             except InputError as exc:
                 failed[subject.id] = str(exc)
