@@ -22,7 +22,7 @@ import torch
 import yoda.train as train_module
 from yoda.cli import main
 from yoda.config import TrainConfig, apply_overrides
-from yoda.errors import ConfigError
+from yoda.errors import ConfigError, ModelError
 from yoda.model.checkpoint import build_model, load_model, read_card
 from yoda.train import ema_decay_at, latest_checkpoint, learning_rate, train, weights_sha256
 
@@ -328,7 +328,11 @@ def test_diverged_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
     step = int(re.search(r"at step (\d+) ", str(info.value)).group(1))
     assert 2 <= step < 10
     assert f"checkpoint of step {step - 1} is kept" in str(info.value)
-    assert "lower learning rate" in str(info.value)
+    # optim.lr is part of the configuration hash: a lower --lr needs a new run, not --resume
+    assert (
+        "start a new run (another --out) with a lower --lr, from the kept model "
+        f"(--init {out / 'model'}) or from scratch"
+    ) in str(info.value)
     assert [p.name for p in (out / "checkpoint").iterdir()] == [f"step-{step - 1:08d}"]
     state = train_module._load_file(latest_checkpoint(out) / "state.pt")
     assert all(torch.isfinite(v).all() for v in [*state["model"].values(), *state["ema"].values()])
@@ -410,6 +414,183 @@ def test_running_loss_is_saved_per_rank_and_resumes_exactly(
     assert [s for s, _ in losses] == [3, 6]
     assert losses == [(e["step"], e["loss"]) for e in _metrics(reference) if "loss" in e]
     assert _end(out)["rank_weights_sha256"] == _end(reference)["rank_weights_sha256"]
+
+
+def test_checkpoint_of_the_previous_version_resumes_exactly(
+    phantom_cohort, cache_dir, tmp_path, monkeypatch
+):
+    """Version 1 kept the running loss in state.pt; this yoda resumes it, writes version 2 and
+    refuses a newer version cleanly."""
+    overrides = {"run.steps": 6, "run.log_every": 3, "run.val_every": 0}
+    reference = tmp_path / "reference"
+    train(
+        _config(phantom_cohort, reference, cache_dir, **overrides, **{"run.checkpoint_every": 0}),
+        progress=False,
+    )
+    out = tmp_path / "run"
+    cfg = _config(phantom_cohort, out, cache_dir, **overrides, **{"run.checkpoint_every": 2})
+    real_save = train_module._save_file
+
+    def dying_save(obj, path):
+        if ".tmp-step-00000004" in str(path):
+            raise _Killed
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_module, "_save_file", dying_save)
+    with pytest.raises(_Killed):
+        train(cfg, progress=False)
+    monkeypatch.setattr(train_module, "_save_file", real_save)
+    folder = latest_checkpoint(out)
+    state = train_module._load_file(folder / "state.pt")
+    rank0 = train_module._load_file(folder / "rank-0.pt")
+    assert state["version"] == 2 and rank0["loss_count"] == 2
+    state = {**state, "version": 1, "loss_sum": rank0.pop("loss_sum")}
+    state["loss_count"] = rank0.pop("loss_count")
+    del rank0["loss_skipped"]
+    real_save(state, folder / "state.pt")
+    real_save(rank0, folder / "rank-0.pt")
+
+    newer = tmp_path / "newer"
+    shutil.copytree(out, newer)
+    real_save({**state, "version": 3}, latest_checkpoint(newer) / "state.pt")
+    with pytest.raises(ModelError, match="checkpoint version 3 is not supported"):
+        train(apply_overrides(cfg, {"run.out": str(newer)}), progress=False, resume=True)
+
+    train(cfg, progress=False, resume=True)
+    losses = [(e["step"], e["loss"]) for e in _metrics(out) if "loss" in e]
+    assert losses == [(e["step"], e["loss"]) for e in _metrics(reference) if "loss" in e]
+    assert _end(out)["rank_weights_sha256"] == _end(reference)["rank_weights_sha256"]
+    assert train_module._load_file(latest_checkpoint(out) / "state.pt")["version"] == 2
+
+
+class _SkippingScaler:
+    """CUDA's GradScaler as the CPU can run it: an update whose gradients are not finite is
+    skipped (at a fixed scale of 1)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_(self, optimizer) -> None:
+        pass
+
+    def step(self, optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            optimizer.step()
+
+    def update(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_scaled_run_leaves_an_overflowing_loss_out_of_the_mean(phantom_cohort, cache_dir, tmp_path):
+    """With a gradient scaler, non-finite micro-batch losses are left out of the logged mean
+    (and of the count it divides by); a window without any finite loss stops the run."""
+    cfg = _config(
+        phantom_cohort,
+        tmp_path / "run",
+        cache_dir,
+        **{"optim.micro_batch": 2, "run.val_every": 0, "run.deterministic": False},
+    )
+    trainer = train_module._Trainer(cfg, progress=False, resume=False)
+    trainer._prepare()
+    assert trainer.accum == 2
+    for loss in [1.0, 3.0, math.inf, 5.0]:  # step 2's first micro-batch overflowed
+        trainer._add_loss(torch.tensor(loss), True)
+    trainer.loss_count = 2
+    assert trainer._window_loss() == (3.0, 1)  # (1 + 3 + 5) / 3
+    assert float(trainer.loss_sum) == 4.5 and float(trainer.loss_skipped) == 1
+
+    trainer.loss_sum.zero_()
+    trainer.loss_skipped.zero_()
+    for loss in [math.nan, math.inf]:
+        trainer._add_loss(torch.tensor(loss), True)
+    trainer.loss_count = 1
+    value, skipped = trainer._window_loss()
+    assert math.isnan(value) and skipped == 2
+
+    # without a scaler (fp32, bf16) every loss counts: a non-finite one stops the run
+    trainer.loss_sum.zero_()
+    trainer.loss_skipped.zero_()
+    for loss in [1.0, math.inf]:
+        trainer._add_loss(torch.tensor(loss), False)
+    assert trainer._window_loss() == (math.inf, 0)
+
+
+def test_scaled_run_survives_an_overflow_and_resumes_exactly(
+    phantom_cohort, cache_dir, tmp_path, monkeypatch
+):
+    """One overflowing forward pass: the scaler skips that update, the run goes on, and the
+    count of left-out losses is part of the checkpoint."""
+    monkeypatch.setattr(torch.amp, "GradScaler", _SkippingScaler)
+    real_loss = train_module._Trainer._loss
+    seen: list[tuple[int, float]] = []
+    overflow = {"all": False}
+
+    def overflowing_loss(self, model, inputs):
+        loss = real_loss(self, model, inputs)
+        if overflow["all"] or self.consumed == 6:  # step 2, first micro-batch
+            loss = loss * math.inf
+        seen.append((self.consumed, float(loss.detach())))
+        return loss
+
+    monkeypatch.setattr(train_module._Trainer, "_loss", overflowing_loss)
+    overrides = {
+        "run.steps": 6,
+        "run.log_every": 3,
+        "run.val_every": 0,
+        "optim.micro_batch": 2,
+        "run.device": "cpu",
+    }
+    reference = tmp_path / "reference"
+    train(
+        _config(phantom_cohort, reference, cache_dir, **overrides, **{"run.checkpoint_every": 0}),
+        progress=False,
+    )
+
+    def logged(run_dir: Path) -> list[tuple]:
+        entries = [e for e in _metrics(run_dir) if "loss" in e]
+        return [(e["step"], e["loss"], e.get("losses_not_finite")) for e in entries]
+
+    curve = logged(reference)
+    assert [(step, left_out) for step, _, left_out in curve] == [(3, 1), (6, None)]
+    first = [v for c, v in seen if c <= 12 and math.isfinite(v)]  # steps 1-3
+    assert len(first) == 5 and curve[0][1] == pytest.approx(sum(first) / 5, rel=1e-6)
+
+    out = tmp_path / "run"
+    cfg = _config(phantom_cohort, out, cache_dir, **overrides, **{"run.checkpoint_every": 2})
+    real_save = train_module._save_file
+
+    def dying_save(obj, path):
+        if ".tmp-step-00000004" in str(path):
+            raise _Killed
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_module, "_save_file", dying_save)
+    with pytest.raises(_Killed):
+        train(cfg, progress=False)
+    monkeypatch.setattr(train_module, "_save_file", real_save)
+    rank0 = train_module._load_file(latest_checkpoint(out) / "rank-0.pt")
+    assert rank0["loss_count"] == 2 and float(rank0["loss_skipped"]) == 1
+    train(cfg, progress=False, resume=True)
+    assert logged(out) == curve
+    assert _end(out)["rank_weights_sha256"] == _end(reference)["rank_weights_sha256"]
+
+    overflow["all"] = True
+    stopped = _config(phantom_cohort, tmp_path / "stopped", cache_dir, **overrides)
+    with pytest.raises(ConfigError, match="no loss of steps 1-3 is finite at step 3"):
+        train(stopped, progress=False)
 
 
 def test_largest_seed_trains_and_validates(phantom_cohort, cache_dir, tmp_path):

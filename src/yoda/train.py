@@ -17,7 +17,7 @@ Run directory::
     metrics.jsonl    one JSON object per line: training log entries and validations
     checkpoint/      step-XXXXXXXX/ with state.pt (weights, EMA, optimizer, scaler, step,
                      config hash) and rank-R.pt (RNG states, data-stream position and running
-                     loss sum per rank)
+                     loss sums per rank)
     model/           the model directory (yoda.model.checkpoint), EMA weights for inference
     cache/           preprocessed arrays of the cohort (unless data.cache_dir is set)
 
@@ -26,7 +26,9 @@ removed only afterwards, so a run killed at any moment (also during a save) resu
 last complete checkpoint with ``resume=True``. With a fixed seed on the CPU a resumed run
 reproduces the losses and weights of an uninterrupted run bitwise. A run whose loss or weights
 are no longer finite (a diverged run) stops with ConfigError before it saves them, so the last
-checkpoint and model directory stay usable.
+checkpoint and model directory stay usable. In fp16 (with a gradient scaler, which skips the
+update of a step that overflows) a micro-batch loss that is not finite is left out of the logged
+mean instead; the run stops only when no loss of a log interval is finite.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from yoda.config import (
 from yoda.device import usable_cpus
 from yoda.diffusion.schedule import predict_x0, q_sample, training_target
 from yoda.errors import ConfigError, InputError, ModelError
+from yoda.model.checkpoint import weights_sha256
 
 __all__ = ["train", "learning_rate", "ema_decay_at", "latest_checkpoint", "weights_sha256"]
 
@@ -79,7 +82,9 @@ MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 _CKPT_FORMAT = "yoda-train-checkpoint"
-_CKPT_VERSION = 1
+_CKPT_VERSION = 2
+#: Checkpoint versions this yoda resumes (1: running loss sums in state.pt or rank-R.pt).
+_CKPT_READABLE = (1, 2)
 _COMPLETE = "COMPLETE"
 
 
@@ -103,16 +108,6 @@ def ema_decay_at(decay: float, updates: int, warmup: bool = True) -> float:
     if not warmup:
         return decay
     return min(decay, (1.0 + updates) / (10.0 + updates))
-
-
-def weights_sha256(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, shapes, dtypes and bytes, in key order)."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _all_finite(tensors: Any) -> bool:
@@ -535,6 +530,7 @@ class _Trainer:
         self.step = 0
         self.wall_before = 0.0
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.loss_skipped = torch.zeros((), dtype=torch.float32, device=self.device)
         self.loss_count = 0
         self.consumed = 0
         self.last_val: dict[str, float] = {}
@@ -568,6 +564,7 @@ class _Trainer:
             "rng": _rng_state(self.generator),
             "sampler": self.sampler.state_dict(samples=self.consumed),
             "loss_sum": self.loss_sum.detach().cpu().clone(),
+            "loss_skipped": self.loss_skipped.detach().cpu().clone(),
             "loss_count": self.loss_count,
         }
 
@@ -640,6 +637,8 @@ class _Trainer:
 
     def _diverged(self, what: str) -> ConfigError:
         """The error of a run whose loss or weights are no longer finite; nothing is saved."""
+        from yoda.model.checkpoint import CARD_FILE
+
         lr = learning_rate(self.config, self.step - 1, self.total)
         kept = latest_checkpoint(self.run_dir)
         saved = (
@@ -647,19 +646,25 @@ class _Trainer:
             if kept is not None
             else "no checkpoint had been written"
         )
+        model_dir = self.run_dir / MODEL_DIR
+        start = (
+            f"from the kept model (--init {model_dir}) or from scratch"
+            if (model_dir / CARD_FILE).is_file()
+            else "from scratch"
+        )
         return ConfigError(
             f"training diverged: {what} at step {self.step} (learning rate {lr:g}); stopped "
-            f"without saving, {saved}; try a lower learning rate (--lr)"
+            f"without saving, {saved}; start a new run (another --out) with a lower --lr, {start}"
         )
 
     def _load_checkpoint(self, folder: Path) -> None:
         state = _load_file(folder / "state.pt")
         if not isinstance(state, dict) or state.get("format") != _CKPT_FORMAT:
             raise ModelError(f"{folder / 'state.pt'} is not a yoda training checkpoint")
-        if state.get("version") != _CKPT_VERSION:
+        if state.get("version") not in _CKPT_READABLE:
             raise ModelError(
                 f"{folder}: checkpoint version {state.get('version')} is not supported "
-                f"(this yoda reads {_CKPT_VERSION})"
+                f"(this yoda reads {', '.join(map(str, _CKPT_READABLE))})"
             )
         if state["config_hash"] != config_hash(self.config):
             try:
@@ -694,6 +699,7 @@ class _Trainer:
         self.step = int(state["step"])
         losses = rank_state if "loss_sum" in rank_state else state  # older: rank 0's only
         self.loss_sum = losses["loss_sum"].to(self.device)
+        self.loss_skipped = losses.get("loss_skipped", torch.zeros(())).to(self.device)
         self.loss_count = int(losses["loss_count"])
         self.wall_before = float(state["wall_time_s"])
         self.last_val = dict(state.get("last_val") or {})
@@ -1068,7 +1074,7 @@ class _Trainer:
             with sync:
                 loss = self._loss(model, inputs)
                 self.scaler.scale(loss / self.accum).backward()
-            self.loss_sum += loss.detach() / self.accum
+            self._add_loss(loss, self.scaler.is_enabled())
         if c.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(raw_params, c.optim.grad_clip, foreach=True)
@@ -1080,6 +1086,36 @@ class _Trainer:
             torch._foreach_lerp_(ema_params, raw_params, 1.0 - decay)
         self.ema_updates += 1
         return first
+
+    def _add_loss(self, loss: torch.Tensor, skip_nonfinite: bool) -> None:
+        """Add one micro-batch loss to the running sum, without a host sync.
+
+        With ``skip_nonfinite`` (a gradient scaler, which skips the update of a step whose
+        forward pass overflowed) a loss that is not finite is left out of the sum and counted
+        in ``loss_skipped`` instead; otherwise it makes the sum non-finite and stops the run.
+        """
+        loss = loss.detach()
+        if skip_nonfinite:
+            finite = torch.isfinite(loss)
+            self.loss_skipped += (~finite).to(self.loss_skipped.dtype)
+            loss = torch.where(finite, loss, torch.zeros_like(loss))
+        self.loss_sum += loss / self.accum
+
+    def _window_loss(self) -> tuple[float, int]:
+        """Mean loss since the last log step over all ranks, and the number of losses left out.
+
+        The mean is over the micro-batch losses that went into the sum; NaN when there were
+        none.
+        """
+        world = self.dist.world_size
+        sums = torch.stack([self.loss_sum, self.loss_skipped])
+        if self.dist.active:
+            torch.distributed.all_reduce(sums)
+        loss_sum, skipped = sums.tolist()
+        steps = max(self.loss_count, 1) - skipped / (self.accum * world)
+        if steps <= 0:
+            return math.nan, int(skipped)
+        return loss_sum / world / steps, int(skipped)
 
     def _loop(self) -> None:
         from yoda.model.checkpoint import unwrap_model
@@ -1140,15 +1176,13 @@ class _Trainer:
                 bar.update(1)
 
             if self.step % c.run.log_every == 0 or self.step == self.total:
-                loss_sum = self.loss_sum.clone()
-                if self.dist.active:
-                    torch.distributed.all_reduce(loss_sum)
-                    loss_sum /= self.dist.world_size
-                loss_value = float(loss_sum) / max(self.loss_count, 1)
+                loss_value, skipped = self._window_loss()
                 now = time.perf_counter()
                 rate = (self.step - step_log) * c.optim.batch_size / max(now - t_log, 1e-9)
+                window = f"steps {self.step - self.loss_count + 1}-{self.step}"
                 t_log, step_log = now, self.step
                 self.loss_sum.zero_()
+                self.loss_skipped.zero_()
                 self.loss_count = 0
                 entry = {
                     "step": self.step,
@@ -1156,10 +1190,14 @@ class _Trainer:
                     "lr": current_lr,
                     "slabs_per_s": rate,
                 }
+                if skipped:
+                    entry["losses_not_finite"] = skipped
                 self._log(entry)
-                # loss_sum is all-reduced: every rank stops here together
+                # the sums are all-reduced: every rank stops here together
                 if not math.isfinite(loss_value):
-                    raise self._diverged(f"the loss is {loss_value}")
+                    raise self._diverged(
+                        f"no loss of {window} is finite" if skipped else f"the loss is {loss_value}"
+                    )
                 postfix.update(loss=f"{loss_value:.4g}", slabs_s=f"{rate:.1f}")
                 if bar is not None:
                     bar.set_postfix(postfix)

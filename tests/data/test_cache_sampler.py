@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -143,6 +144,30 @@ def test_cache_is_reused_and_rebuilt_on_change(cohort_files, tmp_path):
     fifth = prepare_cache(cohort_files, ["t1w"], "t2w", cache, margins=MARGINS)
     assert fifth.rebuilt == [] and fifth.index_path == third.index_path
     assert len(list(cache.glob("*.npy"))) == 6
+
+
+def test_cache_of_the_older_index_name_is_reused_and_its_index_removed(cohort_files, tmp_path):
+    """A cache written as index-<split>.json (older yoda) is taken over without a rebuild."""
+    cache = tmp_path / "cache"
+    first = prepare_cache(cohort_files, ["t1w"], "t2w", cache, margins=MARGINS)
+    files = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
+    index = json.loads(first.index_path.read_text())
+    first.index_path.unlink()
+    (cache / "index-val.json").write_text(json.dumps({**index, "split": "val"}))
+    # the older index also lists a subject since removed from the manifest
+    gone = cache / f"s9.{'0' * 16}.npy"
+    gone.write_bytes((cache / first.entries[0]["file"]).read_bytes())
+    entry = {**index["subjects"][0], "id": "s9", "file": gone.name, "key": "0" * 64}
+    (cache / "index-train.json").write_text(
+        json.dumps({**index, "subjects": [*index["subjects"], entry]})
+    )
+
+    second = prepare_cache(cohort_files, ["t1w"], "t2w", cache, margins=MARGINS)
+    assert second.rebuilt == [] and second.entries == first.entries
+    assert second.index_path == first.index_path and second.index_path.is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == files
+    assert not (cache / "index-train.json").exists()  # with the array only it listed
+    assert (cache / "index-val.json").is_file()  # another split's index is not touched
 
 
 def test_cache_input_errors(cohort_files, tmp_path):

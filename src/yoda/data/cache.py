@@ -12,10 +12,12 @@ files (paths, modification times, sizes), the normalization, the margins, the so
 target, so a changed input or option leads to a rebuild of exactly the affected subjects. An
 index JSON per split and set of options (``index-<split>-<digest>.json``, :func:`index_path`)
 lists per subject the array file, its shape, the ROI box within the original canonical volume
-and the fitted intensity parameters; caches of other options share the folder. All files are
-written atomically (temporary file in the same folder, then ``os.replace``), so readers never
-see a partial file. When several processes train together, let one prepare the cache while the
-others wait, then open it with :meth:`CachedCohort.open`.
+and the fitted intensity parameters; caches of other options share the folder. Arrays listed
+by any index of the folder are reused (an index of the older name ``index-<split>.json`` is
+replaced by the current one). All files are written atomically (temporary file in the same
+folder, then ``os.replace``), so readers never see a partial file. When several processes train
+together, let one prepare the cache while the others wait, then open it with
+:meth:`CachedCohort.open`.
 """
 
 from __future__ import annotations
@@ -389,21 +391,15 @@ def prepare_cache(
     )
     cache_dir = path.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
-    old = _read_index(path) or {"subjects": []}
-    old_entries = {e.get("id"): e for e in old["subjects"] if isinstance(e, dict)}
+    reusable = _reusable_entries(cache_dir, path)
 
     entries: list[dict[str, Any]] = []
     rebuilt: list[str] = []
     for subject in tqdm(subjects, desc="cache", unit="subject", disable=not progress):
         key = _subject_key(subject, sources, target, norm, margins_t)
         fname = f"{subject.id}.{key[:16]}.npy"
-        prev = old_entries.get(subject.id)
-        if (
-            prev is not None
-            and prev.get("key") == key
-            and prev.get("file") == fname
-            and _array_ok(cache_dir / fname, prev.get("shape", ()))
-        ):
+        prev = reusable.get((subject.id, key, fname))
+        if prev is not None and _array_ok(cache_dir / fname, prev.get("shape", ())):
             entries.append(prev)
             continue
         arrays = load_subject_arrays(subject, sources, target, normalization, margins=margins_t)
@@ -436,8 +432,9 @@ def prepare_cache(
     }
     if _read_index(path) != index:
         _atomic_write_json(path, index)
-    if rebuilt:
-        _remove_stale(cache_dir, rebuilt)
+    stale = list(dict.fromkeys(rebuilt + _remove_legacy_index(cache_dir, split_name)))
+    if stale:
+        _remove_stale(cache_dir, stale)
     return CachedCohort(
         cache_dir=cache_dir,
         index_path=path,
@@ -451,8 +448,41 @@ def prepare_cache(
     )
 
 
+def _reusable_entries(cache_dir: Path, first: Path) -> dict[tuple, dict[str, Any]]:
+    """Entries of every readable index in ``cache_dir`` by (id, key, file); ``first``'s win.
+
+    An entry's key covers the input files and every option that shapes its array, so an entry
+    of another index (other options of the index, or an index of an older name) with the same
+    key describes the same array.
+    """
+    entries: dict[tuple, dict[str, Any]] = {}
+    for p in [first, *sorted(q for q in cache_dir.glob("index-*.json") if q != first)]:
+        index = _read_index(p)
+        for e in index["subjects"] if index is not None else []:
+            if isinstance(e, dict):
+                entries.setdefault((e.get("id"), e.get("key"), e.get("file")), e)
+    return entries
+
+
+def _remove_legacy_index(cache_dir: Path, split_name: str) -> list[str]:
+    """Delete the split's index of the older name ``index-<split>.json``; return its subject ids.
+
+    The index of the current name has been written by then, so the arrays it shares with the
+    older index are kept.
+    """
+    legacy = cache_dir / f"index-{split_name}.json"
+    index = _read_index(legacy)
+    if index is None or index.get("split") != split_name:
+        return []
+    try:
+        legacy.unlink()
+    except OSError:
+        return []
+    return [str(e.get("id")) for e in index["subjects"] if isinstance(e, dict)]
+
+
 def _remove_stale(cache_dir: Path, ids: list[str]) -> None:
-    """Delete older arrays of rebuilt subjects that no index refers to any more."""
+    """Delete arrays of these subjects that no index refers to any more."""
     refs = _referenced_files(cache_dir)
     for sid in ids:
         pattern = re.compile(re.escape(sid) + r"\.[0-9a-f]{16}\.npy")
