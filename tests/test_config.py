@@ -129,6 +129,10 @@ def test_missing_config_file(tmp_path):
 def test_override_type_checks_and_unknown_keys():
     with pytest.raises(ConfigError, match="unknown config key 'optim.momentum'"):
         apply_overrides(TrainConfig(), {"optim.momentum": 0.9})
+    with pytest.raises(ConfigError, match="unknown config key 'lr'; did you mean 'optim.lr'"):
+        apply_overrides(TrainConfig(), {"lr": 1e-3})
+    with pytest.raises(ConfigError, match="'optim.lrr'; did you mean 'optim.lr'"):
+        apply_overrides(TrainConfig(), {"optim.lrr": 1e-3})
     with pytest.raises(ConfigError, match="'model.T'"):
         apply_overrides(TrainConfig(), {"model.T": "many"})
     assert parse_assignment("optim.lr=2e-4") == ("optim.lr", "2e-4")

@@ -12,6 +12,7 @@ Precedence when a run is configured: dataclass defaults < YAML file < command-li
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -356,7 +357,13 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConf
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if section not in values or name not in values[section]:
-            raise ConfigError(f"unknown config key '{key}'")
+            known = [f"{sec}.{field}" for sec, fields in values.items() for field in fields]
+            close = (
+                difflib.get_close_matches(key, known, n=1)
+                or [k for k in known if k.endswith("." + key)][:1]
+            )
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
         values[section][name] = list(value) if isinstance(value, tuple) else value
     return config_from_dict(values)
 

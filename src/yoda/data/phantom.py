@@ -798,8 +798,7 @@ def make_phantom(
         for name in ("manifest.csv", "phantom.json", *ids):
             if (out / name).exists():
                 raise ConfigError(
-                    f"{out / name} exists: {out} already holds a phantom; use --overwrite "
-                    "(overwrite=True) to replace it"
+                    f"{out / name} exists: {out} already holds a phantom; --overwrite replaces it"
                 )
     try:
         out.mkdir(parents=True, exist_ok=True)
