@@ -216,9 +216,20 @@ def test_finished_outputs_are_known_by_their_weights_not_the_model_path(
     err = capsys.readouterr().err
     assert "a_flair.nii.gz exists, made with weights_sha256 '" in err and "--force" in err
     assert main([*args, str(model), "--force"]) == 0
-    assert (
-        json.loads((out / "a_flair.json").read_text())["weights_sha256"] != info["weights_sha256"]
+    redone = json.loads((out / "a_flair.json").read_text())
+    assert redone["weights_sha256"] != info["weights_sha256"]
+    capsys.readouterr()
+
+    # a sidecar of an earlier version (no SHA-256): made again only for the same model path
+    legacy = {k: v for k, v in redone.items() if k != "weights_sha256"}
+    (out / "a_flair.json").write_text(json.dumps({**legacy, "model": str(tiny_model)}))
+    assert main([*args, str(model)]) == 1
+    assert f"made with model '{tiny_model}' (this run: '{model.resolve()}')" in (
+        capsys.readouterr().err
     )
+    (out / "a_flair.json").write_text(json.dumps({**legacy, "model": str(model.resolve())}))
+    assert main([*args, str(model)]) == 0
+    assert "translated 1, skipped 0" in capsys.readouterr().out
 
 
 def test_a_manifest_without_splits_is_translated_whole(

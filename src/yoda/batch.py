@@ -103,12 +103,15 @@ def _stale(lock: Path) -> bool:
     return False
 
 
-def _differences(sidecar: Path, wanted: dict[str, Any]) -> str | None:
+def _differences(
+    sidecar: Path, wanted: dict[str, Any], origin: dict[str, Any] | None = None
+) -> str | None:
     """Why the output beside ``sidecar`` is not what this run makes: the settings it records
     that differ from ``wanted``, or that the sidecar is not one of ours; "" where it records
     all of them alike; None (make it again) where the sidecar is missing (a run stopped
     between the image and its sidecar) or lacks some settings but agrees on the others (an
-    earlier version's)."""
+    earlier version's). A sidecar without the weights' SHA-256 (an earlier version's) must
+    name the model of ``origin`` (model path and EMA or raw weights) to be made again."""
     if not sidecar.exists():
         return None
     try:
@@ -118,10 +121,13 @@ def _differences(sidecar: Path, wanted: dict[str, Any]) -> str | None:
     present = [key for key in wanted if isinstance(recorded, dict) and key in recorded]
     if not present:
         return f"a sidecar {sidecar.name} that yoda translate did not write"
+    compared = dict(wanted)
+    if "weights_sha256" in wanted and "weights_sha256" not in present:
+        compared.update({k: v for k, v in (origin or {}).items() if k in recorded})
     differences = ", ".join(
-        f"{key} {recorded[key]!r} (this run: {wanted[key]!r})"
-        for key in present
-        if recorded[key] != wanted[key]
+        f"{key} {recorded[key]!r} (this run: {compared[key]!r})"
+        for key in compared
+        if key in recorded and recorded[key] != compared[key]
     )
     if not differences and len(present) < len(wanted):
         return None
@@ -192,6 +198,8 @@ def translate_cohort(
     check_output_dtype(dtype, translator.card.target_normalization)
     saved = (settings.get("n_ex") or 0) if extras and settings.get("mode") == "expa" else 0
     settings.update(dtype=dtype, saved_samples=saved)
+    origin = {"model": getattr(translator, "model_dir", None)}
+    origin["weights"] = getattr(translator, "weights", None)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +235,7 @@ def translate_cohort(
             """Whether the subject is done (skipped, or failed for other settings)."""
             if force or not path.exists():
                 return False
-            differences = _differences(sidecar_path(path), wanted)
+            differences = _differences(sidecar_path(path), wanted, origin)
             if differences is None or (differences and replace_other):
                 return False
             if differences:

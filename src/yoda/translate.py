@@ -9,6 +9,7 @@ optional slice correction -> un-crop -> ``io.save_image`` in the first source's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -314,11 +315,16 @@ class Translator:
         self.schedule = make_schedule(card.schedule, card.T)
         self.model_dir = model_dir
         self.weights = weights
-        self.weights_sha256 = weights_sha256(self.model)
         # what the card says of the training data (each checked here, at load)
         self.canvas = card.slab_size
         self.voxel_sizes = card.voxel_sizes
         self.trained_views = card.views
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the network's weights (computed once): what the sidecar identifies the
+        model by."""
+        return weights_sha256(self.model)
 
     @classmethod
     def load(
@@ -577,7 +583,7 @@ class Translator:
             "n_ex": n_ex if mode == "expa" else None,
             "timesteps": 1 if mode == "regression" else n_total,  # regression: t = T-1 per view
             "slice_correction": correction,
-            "slice_axis": None if correction == "none" else _slice_view(view_names),
+            "slice_view": None if correction == "none" else _slice_view(view_names),
         }
 
     def _check_options(

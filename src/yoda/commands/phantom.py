@@ -37,7 +37,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         metavar="MM",
         help="isotropic voxel size in mm, at most 8 (default 2)",
     )
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="global random seed (>= 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="global random seed (default: 0)"
+    )
     p.add_argument(
         "--splits",
         default=None,

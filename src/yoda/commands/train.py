@@ -86,14 +86,26 @@ FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
         },
     ),
     (("--seed",), "run.seed", {"type": int, "help": "default 0"}),
-    (("--threads",), "run.threads", {"type": int, "help": "CPU threads per process"}),
-    (("--log-every",), "run.log_every", {"type": int, "help": "steps between log entries"}),
+    (
+        ("--threads",),
+        "run.threads",
+        {"type": int, "help": "CPU threads per process (default: the CPUs / local processes)"},
+    ),
+    (
+        ("--log-every",),
+        "run.log_every",
+        {"type": int, "help": "steps between log entries (default: 50)"},
+    ),
     (
         ("--checkpoint-every",),
         "run.checkpoint_every",
-        {"type": int, "help": "steps between checkpoints"},
+        {"type": int, "help": "steps between checkpoints (default: 1000)"},
     ),
-    (("--val-every",), "run.val_every", {"type": int, "help": "steps between validations"}),
+    (
+        ("--val-every",),
+        "run.val_every",
+        {"type": int, "help": "steps between validations (default: 1000; 0: none)"},
+    ),
     (("--notes",), "run.notes", {"help": "free-form notes for the model card"}),
 ]
 

@@ -49,13 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "gives no splits)",
     )
     p.add_argument("--out-dir", help="output folder in batch mode")
-    p.add_argument("--mode", choices=MODES, default="regression", help="sampling mode")
-    p.add_argument("--n-ex", type=int, default=None, help="ExpA samples (default 4)")
+    p.add_argument(
+        "--mode", choices=MODES, default="regression", help="sampling mode (default: regression)"
+    )
+    p.add_argument("--n-ex", type=int, default=None, help="ExpA samples (default: 4)")
     p.add_argument(
         "--views",
         choices=("axial", "coronal", "sagittal", "all"),
         default="all",
-        help="regression: views averaged (default all); diffusion/ExpA: all = orthogonal",
+        help="regression: views averaged (default: all); diffusion/ExpA: all = orthogonal",
     )
     p.add_argument(
         "--steps",
@@ -75,8 +77,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resample", action="store_true", help="resample inputs onto the first source's grid"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of every random draw (default: 0); batch mode derives each subject's seed "
+        "from it and the subject id",
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -103,14 +111,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch.compile the network: default, reduce-overhead (CUDA graphs) or "
         "max-autotune; the first calls of each slice size compile, later calls are faster",
     )
-    p.add_argument("--dtype", choices=("float32", "uint8"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "uint8"),
+        default="float32",
+        help="output data type (default: float32; uint8 rounds the 0-255 scale)",
+    )
     p.add_argument(
         "--save-samples",
         action="store_true",
         help="ExpA: also write each sample and the per-voxel std",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -213,10 +226,14 @@ def _run_one(args, translator, options, sources) -> int:
 
     options = dict(options)
     resample = options.pop("resample")
-    translator.check_options(seed=args.seed, **options)
+    settings = translator.check_options(seed=args.seed, **options)
     # read and checked before the progress bar shows, so that bad input gives one line
     prepared = translator.prepare(sources, mask=args.mask, resample=resample)
-    bar = tqdm(total=1, desc=f"translate ({args.mode})", unit="NFE", disable=args.no_progress)
+    if settings["mode"] == "regression":
+        nfe = len(settings["views"])
+    else:
+        nfe = settings["timesteps"] * (settings["n_ex"] or 1)
+    bar = tqdm(total=nfe, desc=f"translate ({args.mode})", unit="NFE", disable=args.no_progress)
 
     def progress(k: int, n: int) -> None:
         bar.total = n
