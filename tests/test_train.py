@@ -215,9 +215,11 @@ def test_kill_during_checkpoint_save_then_resume_is_exact(
         real_save(obj, path)
 
     monkeypatch.setattr(train_module, "_save_file", dying_save)
+    monkeypatch.setattr(sys, "argv", ["yoda", "train", "--out", "run", "--steps", "24"])
     with pytest.raises(_Killed):
         train(cfg, progress=False)
     monkeypatch.setattr(train_module, "_save_file", real_save)
+    monkeypatch.setattr(sys, "argv", ["yoda", "train", "--out", "run", "--resume"])
     assert latest_checkpoint(out).name == "step-00000008"
     assert (out / "checkpoint" / ".tmp-step-00000016").exists()  # the torn save
     assert max(e["step"] for e in _metrics(out)) == 16  # logged past the checkpoint
@@ -227,9 +229,12 @@ def test_kill_during_checkpoint_save_then_resume_is_exact(
     assert _end(out)["rank_weights_sha256"] == _end(reference_run)["rank_weights_sha256"]
     assert _end(out)["rank_ema_sha256"] == _end(reference_run)["rank_ema_sha256"]
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["step-00000024"]
-    a, _ = load_model(out / "model")
+    a, card = load_model(out / "model")
     b, _ = load_model(reference_run / "model")
     assert weights_sha256(a) == weights_sha256(b)
+    # the card keeps the command that started the run, and the one that resumed it
+    assert card.training["command"] == "yoda train --out run --steps 24"
+    assert card.training["resumed_with"] == ["yoda train --out run --resume"]
 
 
 def test_sigkill_at_any_moment_then_resume_is_exact(
@@ -487,6 +492,9 @@ class _SkippingScaler:
     def update(self) -> None:
         pass
 
+    def get_scale(self) -> float:
+        return 1.0
+
     def state_dict(self) -> dict:
         return {}
 
@@ -565,6 +573,7 @@ def test_scaled_run_survives_an_overflow_and_resumes_exactly(
 
     curve = logged(reference)
     assert [(step, left_out) for step, _, left_out in curve] == [(3, 1), (6, None)]
+    assert [e["grad_scale"] for e in _metrics(reference) if "loss" in e] == [1.0, 1.0]
     first = [v for c, v in seen if c <= 12 and math.isfinite(v)]  # steps 1-3
     assert len(first) == 5 and curve[0][1] == pytest.approx(sum(first) / 5, rel=1e-6)
 

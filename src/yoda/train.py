@@ -534,6 +534,8 @@ class _Trainer:
         self.loss_count = 0
         self.consumed = 0
         self.last_val: dict[str, float] = {}
+        #: the command that started the run, then those that resumed it
+        self.commands = [shlex.join(sys.argv)]
 
     def _checkpoint_state(self) -> dict[str, Any]:
         from yoda.model.checkpoint import unwrap_model
@@ -554,6 +556,7 @@ class _Trainer:
             "scaler": self.scaler.state_dict(),
             "wall_time_s": self._wall(),
             "last_val": dict(self.last_val),
+            "commands": list(self.commands),
             "yoda_version": __version__,
         }
 
@@ -703,6 +706,7 @@ class _Trainer:
         self.loss_count = int(losses["loss_count"])
         self.wall_before = float(state["wall_time_s"])
         self.last_val = dict(state.get("last_val") or {})
+        self.commands = [*(state.get("commands") or []), shlex.join(sys.argv)]
         self.sampler.load_state_dict(rank_state["sampler"])
         self.consumed = int(rank_state["sampler"]["samples"])
         _set_rng_state(rank_state["rng"], self.generator)
@@ -774,13 +778,16 @@ class _Trainer:
             "ema_decay": c.optim.ema_decay,
             "ema_warmup": c.optim.ema_warmup,
             "high_t_share": c.optim.high_t_share,
-            "init": c.model.init,
+            "init": None
+            if c.model.init is None
+            else str(Path(c.model.init).expanduser().absolute()),
             "mask_weighting": c.data.mask_weighting,
             "samples_per_volume": c.data.samples_per_volume,
             "device": str(self.device),
             "precision": self.precision,
             "seed": c.run.seed,
-            "command": shlex.join(sys.argv),
+            "command": self.commands[0],
+            "resumed_with": self.commands[1:],
             "config": config_to_dict(c),
             "validation": dict(self.last_val),
         }
@@ -1192,6 +1199,8 @@ class _Trainer:
                 }
                 if skipped:
                     entry["losses_not_finite"] = skipped
+                if self.scaler.is_enabled():  # a shrinking scale: overflows keep coming
+                    entry["grad_scale"] = float(self.scaler.get_scale())
                 self._log(entry)
                 # the sums are all-reduced: every rank stops here together
                 if not math.isfinite(loss_value):

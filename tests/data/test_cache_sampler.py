@@ -170,6 +170,22 @@ def test_cache_of_the_older_index_name_is_reused_and_its_index_removed(cohort_fi
     assert (cache / "index-val.json").is_file()  # another split's index is not touched
 
 
+def test_an_older_index_of_other_options_is_left_alone(cohort_files, tmp_path):
+    """The older name held one index per split whatever its options: another run's index
+    under that name, and its arrays, survive a run with other options."""
+    cache = tmp_path / "cache"
+    other = prepare_cache(
+        cohort_files, ["t1w"], "t2w", cache, margins=MARGINS, normalization="percentile"
+    )
+    legacy = cache / "index-train.json"
+    other.index_path.rename(legacy)
+    arrays = sorted(p.name for p in cache.glob("*.npy"))
+    mine = prepare_cache(cohort_files, ["t1w"], "t2w", cache, margins=MARGINS)
+    assert sorted(mine.rebuilt) == ["s0", "s1", "s2"]
+    assert legacy.is_file() and all((cache / name).is_file() for name in arrays)
+    assert len(list(cache.glob("*.npy"))) == 6
+
+
 def test_cache_input_errors(cohort_files, tmp_path):
     with pytest.raises(InputError, match="mask"):
         prepare_cache(cohort_files, ["t1w"], "t2w", tmp_path / "c", use_mask_weights=True)

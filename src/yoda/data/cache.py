@@ -432,7 +432,7 @@ def prepare_cache(
     }
     if _read_index(path) != index:
         _atomic_write_json(path, index)
-    stale = list(dict.fromkeys(rebuilt + _remove_legacy_index(cache_dir, split_name)))
+    stale = list(dict.fromkeys(rebuilt + _remove_legacy_index(cache_dir, index)))
     if stale:
         _remove_stale(cache_dir, stale)
     return CachedCohort(
@@ -464,21 +464,23 @@ def _reusable_entries(cache_dir: Path, first: Path) -> dict[tuple, dict[str, Any
     return entries
 
 
-def _remove_legacy_index(cache_dir: Path, split_name: str) -> list[str]:
-    """Delete the split's index of the older name ``index-<split>.json``; return its subject ids.
+def _remove_legacy_index(cache_dir: Path, index: dict[str, Any]) -> list[str]:
+    """Delete the index of the older name ``index-<split>.json`` where it was built with the
+    options of ``index`` (just written under the current name); return its subject ids.
 
-    The index of the current name has been written by then, so the arrays it shares with the
-    older index are kept.
+    An older index of other options (sources, target, normalization, ...) is left alone: the
+    older name held one index per split, whatever its options.
     """
-    legacy = cache_dir / f"index-{split_name}.json"
-    index = _read_index(legacy)
-    if index is None or index.get("split") != split_name:
+    legacy = cache_dir / f"index-{index['split']}.json"
+    old = _read_index(legacy)
+    options = ("split", "sources", "target", "normalization", "margins", "use_mask_weights")
+    if old is None or any(old.get(k) != index[k] for k in options):
         return []
     try:
         legacy.unlink()
     except OSError:
         return []
-    return [str(e.get("id")) for e in index["subjects"] if isinstance(e, dict)]
+    return [str(e.get("id")) for e in old["subjects"] if isinstance(e, dict)]
 
 
 def _remove_stale(cache_dir: Path, ids: list[str]) -> None:
