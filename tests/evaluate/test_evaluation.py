@@ -265,6 +265,13 @@ def test_a_ct_target_is_scored_on_the_ct_window(tmp_path):
             row = ev.rows[[r["subject"] for r in ev.rows].index(s.id)]
             assert row["ssim_acq"] == pytest.approx(1.0, abs=1e-12)
             assert row["psnr_acq"] == math.inf
+    # what the sidecar records comes first: it says how the output was made
+    for s in subjects:
+        hu, geom = load_image(s.images["ct"])
+        side = {"mode": "regression", "model": str(model), "normalization": "tissue"}
+        _write_pred(tmp_path / "recorded", s.id, hu, geom, side, target="ct")
+    _, methods = find_methods(tmp_path / "recorded", manifest)
+    assert methods[0].normalization == "tissue"
 
 
 def test_grid_mismatch_is_reported_not_fatal(cohort, tmp_path):

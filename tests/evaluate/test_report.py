@@ -139,6 +139,8 @@ def test_tables_have_one_row_per_subject_and_method(report):
     md = (out / "summary.md").read_text()
     for name in methods:
         assert re.search(rf"^\| {re.escape(name)} \|", md, re.M)
+    robust = md[md.index("## Robustness to input noise (regression sampling)") :]
+    assert [line.split(" | ")[0] for line in robust.splitlines()[4:]] == ["| 0.0", "| 2.0", "| 4.0"]
     for name in ("noise_curve.csv", "stats.csv", "lesion_volumes.csv", "robustness.csv"):
         assert (out / name).is_file()
     assert (out / "figures" / "perception_distortion.png").is_file()
@@ -199,6 +201,13 @@ def test_report_without_labels_or_robustness_says_so(cohort, tmp_path):
     assert "data:image/png" in sections["examples"]
 
 
+def test_one_method_is_not_called_the_best(cohort):
+    manifest_path, _, pred = cohort
+    ev = evaluate(pred / "regression", manifest_path, progress=False)
+    assert [e["method"] for e in ev.summary if e["kind"] == "method"] == ["regression"]
+    assert not [h for h in highlights(ev) if h.startswith(("Highest", "Lowest", "Fastest"))]
+
+
 def test_robustness_reports_every_level(rob):
     result, translator = rob
     assert result.levels == [0.0, 2.0, 4.0]
@@ -237,17 +246,18 @@ def test_robustness_fits_each_source_with_its_own_normalization(cohort):
     translator = SmoothingTranslator()
     translator.card = SimpleNamespace(
         target="flair",
-        normalization={"method": "tissue", "modalities": {"t1w": "percentile"}},
+        normalization={"method": "tissue", "percentile": 98.0, "modalities": {"t1w": "percentile"}},
     )
     robustness(translator, manifest_path, "test", "4", max_subjects=1, progress=False)
     s = manifest.subjects[0]
     raw, _ = load_image(s.images["t1w"])
     mask = load_image(s.mask)[0] > 0.5
-    scale = fit_intensity(raw, mask, method="percentile").scale
+    scale = fit_intensity(raw, mask, method="percentile", percentile=98.0).scale
+    assert scale != pytest.approx(fit_intensity(raw, mask, method="percentile").scale, rel=0.01)
     assert scale != pytest.approx(fit_intensity(raw, mask, method="tissue").scale, rel=0.05)
     bright = mask & (raw * scale > 60)
     added = (translator.calls[0]["t1w"] - raw)[bright] * scale
-    assert added.std() == pytest.approx(10.2, rel=0.08)  # 4 % of 255 on the percentile scale
+    assert added.std() == pytest.approx(10.2, rel=0.04)  # 4 % of 255 on the percentile scale
 
 
 def test_robustness_options_are_checked(cohort):

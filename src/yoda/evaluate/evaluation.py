@@ -1325,7 +1325,11 @@ def _thumbnail(
         try:
             arr, geom = load_image(subject.images[name], name=f"{subject.id} {name}")
             check_same_grid({"target": ref.geometry, name: geom})
-            fit = fit_intensity(arr, ref.mask, method=normalization, name=f"{subject.id} {name}")
+            # the target's CT window is no way to show an MR source; a CT source gets it
+            method = (
+                "ct" if name == "ct" else ("tissue" if normalization == "ct" else normalization)
+            )
+            fit = fit_intensity(arr, ref.mask, method=method, name=f"{subject.id} {name}")
         except InputError:
             continue
         src_slices[name] = _axial(apply_intensity(arr, fit), z)

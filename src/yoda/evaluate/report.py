@@ -168,34 +168,64 @@ def _legend(ev: Evaluation) -> str:
     )
 
 
-def summary_markdown(ev: Evaluation) -> str:
-    """The summary (Table I) as Markdown."""
-    header, body = summary_table(ev)
-    lines = [
-        f"# YODA evaluation: {ev.target}, {ev.where}, {len(ev.scored_subjects())} subjects",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * len(header)) + "|",
+def robustness_table(rob: Any) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the input-noise table: mean ± std of each metric per level."""
+    keys = [
+        k
+        for k in ("ssim_acq", "psnr_acq", "ssim_clean", "psnr_clean", "sigma_wm")
+        if any(_finite(e.get(f"{k}_mean")) for e in rob.summary)
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    rows = [
+        [
+            _num(e["sigma_in"], 1),
+            str(e["n"]),
+            *[_mean_std(e, k, SPEC[k].scale, SPEC[k].digits) for k in keys],
+        ]
+        for e in rob.summary
+    ]
+    head = [
+        "input σ (% of range)",
+        "n",
+        *[
+            f"{SPEC[k].label}"
+            + (f" ({SPEC[k].unit})" if SPEC[k].unit and SPEC[k].unit != "0-255" else "")
+            for k in keys
+        ],
+    ]
+    return head, rows
+
+
+def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def summary_markdown(ev: Evaluation, robustness: Any = None) -> str:
+    """The summary (Table I) as Markdown, and the input-noise table where there is one."""
+    lines = [f"# YODA evaluation: {ev.target}, {ev.where}, {len(ev.scored_subjects())} subjects"]
+    lines += ["", *_markdown_table(*summary_table(ev))]
     lines += ["", _legend(ev), ""]
     lines += [f"- {h}" for h in highlights(ev)]
     if ev.notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in ev.notes]
+    if robustness is not None:
+        lines += ["", f"## Robustness to input noise ({robustness.mode} sampling)", ""]
+        lines += _markdown_table(*robustness_table(robustness))
     return "\n".join(lines) + "\n"
 
 
 def _best(
     ev: Evaluation, key: str, higher: bool, scale: float = 1.0, digits: int = 2
 ) -> tuple[list[str], float] | None:
-    """Methods with the best value of a summary column; ties at the shown precision."""
+    """Methods with the best value of a summary column; ties at the shown precision. None
+    unless at least two methods have a value (one method is best of nothing)."""
     entries = [e for e in ev.summary if e["kind"] == "method"]
     vals = {
         e["method"]: float(e[key])
         for e in entries
         if isinstance(e.get(key), float) and not math.isnan(e[key])
     }
-    if not vals:
+    if len(vals) < 2:
         return None
     shown = {n: round(v * scale, digits) if math.isfinite(v) else v for n, v in vals.items()}
     best_shown = max(shown.values()) if higher else min(shown.values())
@@ -264,7 +294,7 @@ def highlights(ev: Evaluation) -> list[str]:
         out.append(f"Fastest: {', '.join(names)} ({value:.1f} s per subject on average).")
     if ev.fid:
         fids = {k: v for k, v in ev.fid.items() if k in summ and summ[k]["kind"] == "method"}
-        if fids:
+        if len(fids) > 1:
             best = min(fids.values())
             names = [k for k, v in fids.items() if v == best]
             out.append(f"Lowest FID: {', '.join(names)} ({best:.2f}).")
@@ -379,7 +409,7 @@ def write_tables(
         paths["lesion_volumes"] = _write_csv(
             out / "lesion_volumes.csv", vol_rows, ["subject", *names]
         )
-    paths["summary_md"] = write_text_atomic(out / "summary.md", summary_markdown(ev))
+    paths["summary_md"] = write_text_atomic(out / "summary.md", summary_markdown(ev, robustness))
     if robustness is not None:
         paths["robustness"] = _write_csv(
             out / "robustness.csv", robustness.rows, _fields(robustness.rows)
@@ -901,29 +931,7 @@ def _robustness_html(rob: Any, figs: _Figures) -> list[str]:
         "source's own 0-255 scale, the model's normalization fitted in the brain mask).</p>",
         figs.html(figure_robustness(rob), "robustness", "metrics against the input noise"),
     ]
-    keys = [
-        k
-        for k in ("ssim_acq", "psnr_acq", "ssim_clean", "psnr_clean", "sigma_wm")
-        if any(_finite(e.get(f"{k}_mean")) for e in rob.summary)
-    ]
-    rows = [
-        [
-            _num(e["sigma_in"], 1),
-            str(e["n"]),
-            *[_mean_std(e, k, SPEC[k].scale, SPEC[k].digits) for k in keys],
-        ]
-        for e in rob.summary
-    ]
-    head = [
-        "input σ",
-        "n",
-        *[
-            f"{SPEC[k].label}"
-            + (f" ({SPEC[k].unit})" if SPEC[k].unit and SPEC[k].unit != "0-255" else "")
-            for k in keys
-        ],
-    ]
-    out.append(_table(head, rows))
+    out.append(_table(*robustness_table(rob)))
     if _finite(rob.acquired_sigma_wm):
         out.append(
             f"<p>Acquired target σ_WM: {rob.acquired_sigma_wm:.2f}"
