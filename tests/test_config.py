@@ -133,6 +133,8 @@ def test_override_type_checks_and_unknown_keys():
         apply_overrides(TrainConfig(), {"lr": 1e-3})
     with pytest.raises(ConfigError, match="'optim.lrr'; did you mean 'optim.lr'"):
         apply_overrides(TrainConfig(), {"optim.lrr": 1e-3})
+    with pytest.raises(ConfigError, match="'optim.steps'; did you mean 'run.steps'"):
+        apply_overrides(TrainConfig(), {"optim.steps": 10})
     with pytest.raises(ConfigError, match="'model.T'"):
         apply_overrides(TrainConfig(), {"model.T": "many"})
     assert parse_assignment("optim.lr=2e-4") == ("optim.lr", "2e-4")

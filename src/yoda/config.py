@@ -358,9 +358,9 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConf
         section, _, name = key.partition(".")
         if section not in values or name not in values[section]:
             known = [f"{sec}.{field}" for sec, fields in values.items() for field in fields]
-            close = (
+            field_name = key.rpartition(".")[2]
+            close = [k for k in known if k.endswith("." + field_name)][:1] or (
                 difflib.get_close_matches(key, known, n=1)
-                or [k for k in known if k.endswith("." + key)][:1]
             )
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}")
