@@ -150,11 +150,15 @@ def test_demo_cli_rejects_bad_options(flags, words, tmp_path, capsys):
 def test_demo_rerun_replaces_its_outputs_and_refuses_another_phantom(tmp_path):
     """A rerun with other sampling options translates again; one that asks for other
     subjects than its folder's phantom is refused."""
-    kw = dict(subjects=1, voxel_size=8.0, expa_sizes=(), progress=False, log=lambda _: None)
-    run_demo(tmp_path, steps=2, **kw)
-    again = run_demo(tmp_path, steps=3, **kw)
+    kw = dict(subjects=1, voxel_size=8.0, expa_sizes=(), progress=False)
+    run_demo(tmp_path, steps=2, log=lambda _: None, **kw)
+    logged: list[str] = []
+    again = run_demo(tmp_path, steps=3, log=logged.append, **kw)
     sidecars = sorted((again.out_dir / "predictions" / "diffusion").glob("*.json"))
     assert [json.loads(p.read_text())["nfe"] for p in sidecars] == [3]
+    timed = {line.split()[0]: line.split()[1] for line in logged if line.startswith("      ")}
+    assert timed["regression"] == "reused" and timed["diffusion"] != "reused"
+    kw["log"] = lambda _: None
     with pytest.raises(ConfigError, match="holds 1 test subject.*asks for 2"):
         run_demo(tmp_path, **{**kw, "subjects": 2})
     with pytest.raises(ConfigError, match=r"at 8 mm \(seed 2024.*\(seed 5"):

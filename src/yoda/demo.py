@@ -187,7 +187,8 @@ def run_demo(
         if res.failed:
             raise ModelError(f"{name}: translation failed: {res.failed}")
         pred_dirs[name] = out / "predictions" / name
-        log(f"      {name:<11} {time.perf_counter() - t0:6.1f} s")
+        took = f"{time.perf_counter() - t0:6.1f} s" if res.done else "reused"
+        log(f"      {name:<11} {took}")
     log("[3/4] evaluating")
     ev = evaluate(
         pred_dirs,
