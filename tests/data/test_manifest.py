@@ -237,6 +237,17 @@ def test_manifest_without_split_gets_deterministic_splits(tmp_path):
         assign_splits(ids, (0.5, 0.6, 0.1))
 
 
+def test_split_options_of_the_commands(tmp_path):
+    m = _example_manifest(tmp_path)
+    assert m.split_for(None) == "test" and m.split_for("val") == "val"
+    assert m.split_for("all") is None and len(m.split(m.split_for("all"))) == 3
+    with pytest.raises(InputError, match=r"split 'tset' .*it has test \(1\), train \(1\), "
+                       r"val \(1\); 'all' takes every subject"):  # fmt: skip
+        m.split_for("tset")
+    named_all = Manifest([Subject("x", "all", {"t1w": tmp_path / "x.nii.gz"})], tmp_path)
+    assert named_all.split_for("all") == "all"
+
+
 @pytest.mark.parametrize("bad", ["../evil", "a/b", "a\\b", ".hidden", "x..y", ""])
 def test_unsafe_ids_are_rejected(tmp_path, bad):
     (tmp_path / "m.csv").write_text(f"id,split,t1w\nok,train,a.nii.gz\n{bad},train,b.nii.gz\n")

@@ -48,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split",
         default=None,
-        help="manifest split to evaluate (default: test; every subject where the manifest "
-        "gives no splits)",
+        help="manifest split to evaluate, or all (default: test; every subject where the "
+        "manifest gives no splits)",
     )
     p.add_argument(
         "--out", required=True, metavar="REPORT_DIR", help="report folder (new or empty)"
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     levels = parse_levels(args.input_noise) if args.input_noise is not None else None
     manifest = read_manifest(args.data)
-    split = args.split if args.split is not None else manifest.default_split()
+    split = manifest.split_for(args.split)
     device = "cpu"
     if args.fid_weights is not None or args.model is not None:
         from yoda.device import resolve_device

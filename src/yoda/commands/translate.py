@@ -45,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split",
         default=None,
-        help="manifest split in batch mode (default: test; every subject where the manifest "
-        "gives no splits)",
+        help="manifest split in batch mode, or all (default: test; every subject where the "
+        "manifest gives no splits)",
     )
     p.add_argument("--out-dir", help="output folder in batch mode")
     p.add_argument(
@@ -263,8 +263,8 @@ def _run_batch(args, translator, options) -> int:
     from yoda.data.manifest import read_manifest
 
     manifest = read_manifest(args.data)
-    split = args.split if args.split is not None else manifest.default_split()
-    if split is None:
+    split = manifest.split_for(args.split)
+    if split is None and args.split is None:
         print(
             f"yoda translate: note: {args.data} gives no splits: translating every subject",
             file=sys.stderr,

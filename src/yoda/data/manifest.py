@@ -187,6 +187,22 @@ class Manifest:
         subject (None) where the manifest gives no subject's split (all were drawn)."""
         return None if len(self.drawn_splits) == len(self.subjects) else "test"
 
+    def split_for(self, name: str | None) -> str | None:
+        """The split a command's ``--split NAME`` means: :meth:`default_split` for None, every
+        subject (None) for "all" (unless a split has that name), else ``name``; InputError,
+        listing the splits, where no subject is in it."""
+        if name is None:
+            return self.default_split()
+        if name == "all" and "all" not in self.splits:
+            return None
+        if name not in self.splits:
+            have = ", ".join(f"{k} ({n})" for k, n in sorted(self.splits.items()))
+            raise InputError(
+                f"no subjects in split {name!r} of the manifest (it has {have}; 'all' takes "
+                "every subject)"
+            )
+        return name
+
     def subject(self, sid: str) -> Subject:
         """The subject with id ``sid`` (InputError if absent)."""
         for s in self.subjects:
