@@ -371,11 +371,9 @@ def test_weights_that_are_not_finite_are_not_saved(
     assert load_model(out / "model")[1].steps == 2
 
 
-def test_running_loss_is_saved_per_rank_and_resumes_exactly(
-    phantom_cohort, cache_dir, tmp_path, monkeypatch
-):
-    """A checkpoint between two log steps holds each rank's own running loss sum."""
-    overrides = {"run.steps": 6, "run.log_every": 3, "run.val_every": 0}
+def _killed_before_step_4(phantom_cohort, cache_dir, tmp_path, monkeypatch, **overrides):
+    """An uninterrupted 6-step run and one killed while saving its step-4 checkpoint (the
+    step-2 one is complete): (reference run, killed run, its config)."""
     reference = tmp_path / "reference"
     train(
         _config(phantom_cohort, reference, cache_dir, **overrides, **{"run.checkpoint_every": 0}),
@@ -394,6 +392,19 @@ def test_running_loss_is_saved_per_rank_and_resumes_exactly(
     with pytest.raises(_Killed):
         train(cfg, progress=False)
     monkeypatch.setattr(train_module, "_save_file", real_save)
+    return reference, out, cfg
+
+
+SIX_STEPS = {"run.steps": 6, "run.log_every": 3, "run.val_every": 0}
+
+
+def test_running_loss_is_saved_per_rank_and_resumes_exactly(
+    phantom_cohort, cache_dir, tmp_path, monkeypatch
+):
+    """A checkpoint between two log steps holds each rank's own running loss sum."""
+    reference, out, cfg = _killed_before_step_4(
+        phantom_cohort, cache_dir, tmp_path, monkeypatch, **SIX_STEPS
+    )
     folder = latest_checkpoint(out)
     assert folder.name == "step-00000002"
     rank0 = train_module._load_file(folder / "rank-0.pt")
@@ -426,25 +437,10 @@ def test_checkpoint_of_the_previous_version_resumes_exactly(
 ):
     """Version 1 kept the running loss in state.pt; this yoda resumes it, writes version 2 and
     refuses a newer version cleanly."""
-    overrides = {"run.steps": 6, "run.log_every": 3, "run.val_every": 0}
-    reference = tmp_path / "reference"
-    train(
-        _config(phantom_cohort, reference, cache_dir, **overrides, **{"run.checkpoint_every": 0}),
-        progress=False,
+    reference, out, cfg = _killed_before_step_4(
+        phantom_cohort, cache_dir, tmp_path, monkeypatch, **SIX_STEPS
     )
-    out = tmp_path / "run"
-    cfg = _config(phantom_cohort, out, cache_dir, **overrides, **{"run.checkpoint_every": 2})
     real_save = train_module._save_file
-
-    def dying_save(obj, path):
-        if ".tmp-step-00000004" in str(path):
-            raise _Killed
-        real_save(obj, path)
-
-    monkeypatch.setattr(train_module, "_save_file", dying_save)
-    with pytest.raises(_Killed):
-        train(cfg, progress=False)
-    monkeypatch.setattr(train_module, "_save_file", real_save)
     folder = latest_checkpoint(out)
     state = train_module._load_file(folder / "state.pt")
     rank0 = train_module._load_file(folder / "rank-0.pt")
