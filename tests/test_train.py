@@ -539,28 +539,20 @@ def test_scaled_run_survives_an_overflow_and_resumes_exactly(
     count of left-out losses is part of the checkpoint."""
     monkeypatch.setattr(torch.amp, "GradScaler", _SkippingScaler)
     real_loss = train_module._Trainer._loss
-    seen: list[tuple[int, float]] = []
+    seen: list[tuple[str, int, float]] = []
     overflow = {"all": False}
 
     def overflowing_loss(self, model, inputs):
         loss = real_loss(self, model, inputs)
         if overflow["all"] or self.consumed == 6:  # step 2, first micro-batch
             loss = loss * math.inf
-        seen.append((self.consumed, float(loss.detach())))
+        seen.append((Path(self.config.run.out).name, self.consumed, float(loss.detach())))
         return loss
 
     monkeypatch.setattr(train_module._Trainer, "_loss", overflowing_loss)
-    overrides = {
-        "run.steps": 6,
-        "run.log_every": 3,
-        "run.val_every": 0,
-        "optim.micro_batch": 2,
-        "run.device": "cpu",
-    }
-    reference = tmp_path / "reference"
-    train(
-        _config(phantom_cohort, reference, cache_dir, **overrides, **{"run.checkpoint_every": 0}),
-        progress=False,
+    overrides = {**SIX_STEPS, "optim.micro_batch": 2, "run.device": "cpu"}
+    reference, out, cfg = _killed_before_step_4(
+        phantom_cohort, cache_dir, tmp_path, monkeypatch, **overrides
     )
 
     def logged(run_dir: Path) -> list[tuple]:
@@ -570,22 +562,9 @@ def test_scaled_run_survives_an_overflow_and_resumes_exactly(
     curve = logged(reference)
     assert [(step, left_out) for step, _, left_out in curve] == [(3, 1), (6, None)]
     assert [e["grad_scale"] for e in _metrics(reference) if "loss" in e] == [1.0, 1.0]
-    first = [v for c, v in seen if c <= 12 and math.isfinite(v)]  # steps 1-3
-    assert len(first) == 5 and curve[0][1] == pytest.approx(sum(first) / 5, rel=1e-6)
+    first = [v for run, c, v in seen if run == "reference" and c <= 12 and math.isfinite(v)]
+    assert len(first) == 5 and curve[0][1] == pytest.approx(sum(first) / 5, rel=1e-6)  # 1-3
 
-    out = tmp_path / "run"
-    cfg = _config(phantom_cohort, out, cache_dir, **overrides, **{"run.checkpoint_every": 2})
-    real_save = train_module._save_file
-
-    def dying_save(obj, path):
-        if ".tmp-step-00000004" in str(path):
-            raise _Killed
-        real_save(obj, path)
-
-    monkeypatch.setattr(train_module, "_save_file", dying_save)
-    with pytest.raises(_Killed):
-        train(cfg, progress=False)
-    monkeypatch.setattr(train_module, "_save_file", real_save)
     rank0 = train_module._load_file(latest_checkpoint(out) / "rank-0.pt")
     assert rank0["loss_count"] == 2 and float(rank0["loss_skipped"]) == 1
     train(cfg, progress=False, resume=True)
