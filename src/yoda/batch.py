@@ -123,7 +123,8 @@ def _differences(
         return f"a sidecar {sidecar.name} that yoda translate did not write"
     compared = dict(wanted)
     if "weights_sha256" in wanted and "weights_sha256" not in present:
-        compared.update({k: v for k, v in (origin or {}).items() if k in recorded})
+        known = {k: v for k, v in (origin or {}).items() if v is not None and k in recorded}
+        compared.update(known)
     differences = ", ".join(
         f"{key} {recorded[key]!r} (this run: {compared[key]!r})"
         for key in compared
@@ -167,7 +168,8 @@ def translate_cohort(
     dtype and saved samples). An output
     made with other settings, or whose sidecar is not one of ours, fails the subject with the
     reason, or is translated again with ``replace_other``; an output without a sidecar, or
-    whose sidecar lacks some settings but agrees on the others, is translated again. Under
+    whose sidecar lacks some settings but agrees on the others (and, without the weights'
+    SHA-256, names this model's path and weights), is translated again. Under
     torchrun each
     rank takes every world-size-th subject. A subject that fails is recorded with its reason
     and the others go on. Each subject is locked from its preparation until its output is

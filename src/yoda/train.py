@@ -706,7 +706,8 @@ class _Trainer:
         self.loss_count = int(losses["loss_count"])
         self.wall_before = float(state["wall_time_s"])
         self.last_val = dict(state.get("last_val") or {})
-        self.commands = [*(state.get("commands") or []), shlex.join(sys.argv)]
+        started = state.get("commands") or ["unknown (a checkpoint of an earlier version)"]
+        self.commands = [*started, shlex.join(sys.argv)]
         self.sampler.load_state_dict(rank_state["sampler"])
         self.consumed = int(rank_state["sampler"]["samples"])
         _set_rng_state(rank_state["rng"], self.generator)
@@ -780,7 +781,7 @@ class _Trainer:
             "high_t_share": c.optim.high_t_share,
             "init": None
             if c.model.init is None
-            else str(Path(c.model.init).expanduser().absolute()),
+            else str(Path(c.model.init).expanduser().resolve()),
             "mask_weighting": c.data.mask_weighting,
             "samples_per_volume": c.data.samples_per_volume,
             "device": str(self.device),

@@ -246,6 +246,8 @@ def test_split_options_of_the_commands(tmp_path):
         m.split_for("tset")
     named_all = Manifest([Subject("x", "all", {"t1w": tmp_path / "x.nii.gz"})], tmp_path)
     assert named_all.split_for("all") == "all"
+    with pytest.raises(InputError, match=r"split 'test' .*\(it has all \(1\)\)$"):
+        named_all.split_for(None)  # the default split is checked too
 
 
 @pytest.mark.parametrize("bad", ["../evil", "a/b", "a\\b", ".hidden", "x..y", ""])

@@ -229,11 +229,9 @@ def _run_one(args, translator, options, sources) -> int:
     settings = translator.check_options(seed=args.seed, **options)
     # read and checked before the progress bar shows, so that bad input gives one line
     prepared = translator.prepare(sources, mask=args.mask, resample=resample)
-    if settings["mode"] == "regression":
-        nfe = len(settings["views"])
-    else:
-        nfe = settings["timesteps"] * (settings["n_ex"] or 1)
-    bar = tqdm(total=nfe, desc=f"translate ({args.mode})", unit="NFE", disable=args.no_progress)
+    # the sampler reports views (regression) or timesteps (all ExpA samples in one batch)
+    steps = len(settings["views"]) if settings["mode"] == "regression" else settings["timesteps"]
+    bar = tqdm(total=steps, desc=f"translate ({args.mode})", unit="step", disable=args.no_progress)
 
     def progress(k: int, n: int) -> None:
         bar.total = n

@@ -192,14 +192,16 @@ class Manifest:
         subject (None) for "all" (unless a split has that name), else ``name``; InputError,
         listing the splits, where no subject is in it."""
         if name is None:
-            return self.default_split()
+            name = self.default_split()
+            if name is None:
+                return None
         if name == "all" and "all" not in self.splits:
             return None
         if name not in self.splits:
             have = ", ".join(f"{k} ({n})" for k, n in sorted(self.splits.items()))
+            every = "" if "all" in self.splits else "; 'all' takes every subject"
             raise InputError(
-                f"no subjects in split {name!r} of the manifest (it has {have}; 'all' takes "
-                "every subject)"
+                f"no subjects in split {name!r} of the manifest (it has {have}{every})"
             )
         return name
 
