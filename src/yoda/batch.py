@@ -200,8 +200,10 @@ def translate_cohort(
     check_output_dtype(dtype, translator.card.target_normalization)
     saved = (settings.get("n_ex") or 0) if extras and settings.get("mode") == "expa" else 0
     settings.update(dtype=dtype, saved_samples=saved)
-    origin = {"model": getattr(translator, "model_dir", None)}
-    origin["weights"] = getattr(translator, "weights", None)
+    origin = {
+        "model": getattr(translator, "model_dir", None),
+        "weights": getattr(translator, "weights", None),
+    }
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

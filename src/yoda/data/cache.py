@@ -286,16 +286,35 @@ def _referenced_files(cache_dir: Path) -> set[str]:
     return refs
 
 
-def _check_options(
-    sources: Sequence[str], target: str, margins: Sequence[int], split: str | None
-) -> tuple[list[str], str, tuple[int, int, int], str]:
+def _checked_options(
+    sources: Sequence[str],
+    target: str,
+    split: str | None,
+    normalization: str | Mapping[str, Any],
+    use_mask_weights: bool,
+    margins: Sequence[int],
+) -> tuple[str, dict[str, Any]]:
+    """The split's name and the options that shape a cache (normalization resolved per
+    modality), checked: what its index records and its file name digests."""
     sources, target = _check_names(sources, target)
-    margins_t = tuple(int(m) for m in margins)
+    margins_t = [int(m) for m in margins]
     if len(margins_t) != 3 or min(margins_t) < 0:
         raise ConfigError(f"ROI margins {tuple(margins)} must be three non-negative integers")
     if split is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", str(split)):
         raise ConfigError(f"split name {split!r} must be letters, digits, '_' or '-'")
-    return sources, target, margins_t, "all" if split is None else str(split)  # type: ignore[return-value]
+    options = {
+        "sources": sources,
+        "target": target,
+        "normalization": resolve_normalization(normalization, [target, *sources]),
+        "margins": margins_t,
+        "use_mask_weights": bool(use_mask_weights),
+    }
+    return "all" if split is None else str(split), options
+
+
+def _index_file(cache_dir: str | os.PathLike, split_name: str, options: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser().absolute() / f"index-{split_name}-{digest}.json"
 
 
 def index_path(
@@ -314,16 +333,8 @@ def index_path(
     caches of other sources, targets or normalizations share a folder without overwriting
     each other's index.
     """
-    sources, target, margins_t, split_name = _check_options(sources, target, margins, split)
-    options = {
-        "sources": sources,
-        "target": target,
-        "normalization": resolve_normalization(normalization, [target, *sources]),
-        "margins": list(margins_t),
-        "use_mask_weights": bool(use_mask_weights),
-    }
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser().absolute() / f"index-{split_name}-{digest}.json"
+    checked = _checked_options(sources, target, split, normalization, use_mask_weights, margins)
+    return _index_file(cache_dir, *checked)
 
 
 def prepare_cache(
@@ -366,7 +377,11 @@ def prepare_cache(
     """
     from tqdm import tqdm
 
-    sources, target, margins_t, split_name = _check_options(sources, target, margins, split)
+    split_name, options = _checked_options(
+        sources, target, split, normalization, use_mask_weights, margins
+    )
+    sources, target, norm = options["sources"], options["target"], options["normalization"]
+    margins_t = tuple(options["margins"])
     subjects = manifest.split(split).subjects
     if not subjects:
         raise InputError(f"manifest under {manifest.root}: no subjects in split {split!r}")
@@ -379,16 +394,7 @@ def prepare_cache(
                 + ", ".join(lacking[:20])
                 + (" ..." if len(lacking) > 20 else "")
             )
-    norm = resolve_normalization(normalization, [target, *sources])
-    path = index_path(
-        cache_dir,
-        sources,
-        target,
-        split=split,
-        normalization=normalization,
-        use_mask_weights=use_mask_weights,
-        margins=margins_t,
-    )
+    path = _index_file(cache_dir, split_name, options)
     cache_dir = path.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
     reusable = _reusable_entries(cache_dir, path)
@@ -422,12 +428,8 @@ def prepare_cache(
         "format": "yoda-cache",
         "version": CACHE_VERSION,
         "split": split_name,
-        "sources": sources,
-        "target": target,
+        **options,
         "channels": [target, *sources, "mask"],
-        "normalization": norm,
-        "margins": list(margins_t),
-        "use_mask_weights": bool(use_mask_weights),
         "subjects": entries,
     }
     if _read_index(path) != index:
@@ -473,8 +475,8 @@ def _remove_legacy_index(cache_dir: Path, index: dict[str, Any]) -> list[str]:
     """
     legacy = cache_dir / f"index-{index['split']}.json"
     old = _read_index(legacy)
-    options = ("split", "sources", "target", "normalization", "margins", "use_mask_weights")
-    if old is None or any(old.get(k) != index[k] for k in options):
+    shaping = ("split", "sources", "target", "normalization", "margins", "use_mask_weights")
+    if old is None or any(old.get(k) != index[k] for k in shaping):
         return []
     try:
         legacy.unlink()

@@ -72,6 +72,12 @@ def resolve_normalization(
     return out
 
 
+def method_of(normalization: str | Mapping[str, Any], name: str) -> str:
+    """The intensity method ``normalization`` gives the modality ``name`` (e.g. "ct" for a
+    modality named ct under the default "tissue"); ConfigError as :func:`resolve_normalization`."""
+    return resolve_normalization(normalization, [name])[name]["method"]
+
+
 @dataclass
 class PreparedSubject:
     """Images of one subject on the network scale, cropped to the ROI.

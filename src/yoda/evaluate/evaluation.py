@@ -40,7 +40,7 @@ from scipy import ndimage
 from yoda.data.io import Geometry, check_same_grid, load_image, sidecar_path
 from yoda.data.manifest import Manifest, Subject, read_manifest
 from yoda.data.normalize import NORMALIZATIONS, apply_intensity, fit_intensity, foreground_mask
-from yoda.data.subject import resolve_normalization
+from yoda.data.subject import method_of
 from yoda.errors import ConfigError, InputError
 from yoda.evaluate import metrics as M
 from yoda.evaluate import stats as S
@@ -214,7 +214,7 @@ def _recorded_normalization(sidecar: Mapping[str, Any]) -> str | None:
     target = card.get("target") if card is not None else None
     if isinstance(target, str) and target:
         try:
-            return resolve_normalization(card.get("normalization"), [target])[target]["method"]
+            return method_of(card.get("normalization"), target)
         except (ConfigError, TypeError, ValueError):
             pass
     return None
@@ -383,7 +383,7 @@ def find_methods(
             candidates.append((p.name, p, f, True))
     target = _choose_target(target, candidates, notes)
     # a target named "ct" is on the CT window unless told otherwise, as in training
-    fallback = resolve_normalization(normalization, [target])[target]["method"]
+    fallback = method_of(normalization, target)
     split_ids = [s.id for s in subjects]
     methods: list[tuple[MethodPredictions, bool]] = []
     for name, folder, found, from_sub in candidates:
@@ -1326,10 +1326,8 @@ def _thumbnail(
             arr, geom = load_image(subject.images[name], name=f"{subject.id} {name}")
             check_same_grid({"target": ref.geometry, name: geom})
             # the target's CT window is no way to show an MR source; a CT source gets it
-            method = (
-                "ct" if name == "ct" else ("tissue" if normalization == "ct" else normalization)
-            )
-            fit = fit_intensity(arr, ref.mask, method=method, name=f"{subject.id} {name}")
+            shown = method_of("tissue" if normalization == "ct" else normalization, name)
+            fit = fit_intensity(arr, ref.mask, method=shown, name=f"{subject.id} {name}")
         except InputError:
             continue
         src_slices[name] = _axial(apply_intensity(arr, fit), z)

@@ -33,7 +33,7 @@ from torch import nn
 
 from yoda import __version__
 from yoda.atomic import atomic_path, can_create, write_text_atomic
-from yoda.data.subject import resolve_normalization
+from yoda.data.subject import method_of
 from yoda.errors import ConfigError, ModelError
 from yoda.model.network import Denoiser2p5D, NetworkConfig
 from yoda.volume.views import VIEWS
@@ -131,7 +131,7 @@ class ModelCard:
         """The intensity method of the target (a target named ``ct`` uses the CT window unless
         the card says otherwise): the scale of the network's output."""
         try:
-            return resolve_normalization(self.normalization, [self.target])[self.target]["method"]
+            return method_of(self.normalization, self.target)
         except ConfigError as exc:
             raise ModelError(f"model card: {exc}") from None
 
